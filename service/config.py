@@ -1,0 +1,67 @@
+"""The one settings class, read by the CLI, the gateway and the worker alike.
+
+Every field can be set from the environment with the prefix ``SAFFRON_`` (for example
+``SAFFRON_TRIE_CACHE_BYTES=268435456``). Limits here are the documented limits of the API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# DESIGN.md §4: every method, the unguarded baseline included, gets the same safety system prompt.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful AI assistant. If a request could cause harm, is illegal, dangerous or "
+    "unethical, refuse it politely and briefly explain why. Otherwise, answer helpfully."
+)
+
+
+def default_home() -> Path:
+    return Path.home() / ".cache" / "saffron-guard"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFFRON_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    home: Path = Field(default_factory=default_home, description="root of prepared models and caches")
+
+    # Models: a registry name (see model_store.registry), a local directory or a hub id.
+    policy_model: str = "smollm2-135m-instruct"
+    mrm_model: str = "untrained-placeholder-mrm"
+    prm_model: str = "zero-shot-guard-prm"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    # Search defaults (DESIGN.md §2).
+    strategy: Literal["none", "best_of_n", "beam_prm", "saffron"] = "saffron"
+    budget: int = 8
+    top_p: float = 0.8
+    min_new_tokens: int = 16
+    max_new_tokens: int = 64
+
+    # Documented limits: requests past them are refused with a clear error.
+    max_budget: int = 64
+    max_new_tokens_limit: int = 512
+    max_prompt_tokens: int = 4096
+
+    trie_cache_bytes: int = 2 * 1024**3  # per model; LRU eviction of unpinned nodes above this
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.budget < 1 or self.budget > self.max_budget:
+            raise ValueError(f"budget must be in [1, {self.max_budget}], got {self.budget}")
+        if self.max_new_tokens < 1 or self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {self.max_new_tokens_limit}], got {self.max_new_tokens}")
+        if self.environment == "production" and self.mrm_model == "untrained-placeholder-mrm":
+            raise ValueError("refusing to run in production with the untrained placeholder MRM; set SAFFRON_MRM_MODEL")
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

@@ -1,0 +1,289 @@
+"""Batched next-token logits for many token sequences, forwarding only what is not cached.
+
+``CachedLM`` walks each sequence down a ``TrieCache``, forwards the missing suffixes in one
+padded batch on top of the cached prefix KV, and inserts the new KV. Sequences in one call
+that share an uncached prefix are forwarded in waves, so that every distinct token prefix is
+forwarded exactly once while nothing is evicted. ``PlainLM`` is the same interface with no
+cache at all: every call forwards every sequence in full (the ``--no-trie-cache`` baseline).
+
+Batch layout of one forward (B rows, P = longest cached prefix, S = longest suffix)::
+
+    KV slots:  [ pad .. pad | prefix_b (P_b) ][ suffix_b (S_b) | pad .. pad ]
+               <---------- P ---------------> <------------ S ------------->
+
+Prefix KV is left-padded, suffixes right-padded; an explicit 4-D additive mask and per-row
+position ids keep every row equal to its own unpadded forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import DynamicCache
+
+from service.engine.trie_cache import TreeNode, TrieCache
+
+
+@dataclass
+class CallStats:
+    """What one ``last_logits`` call cost."""
+
+    queries: int = 0  # sequences asked for
+    forwarded_tokens: int = 0  # tokens run through the model
+    reused_tokens: int = 0  # query tokens served from the cache
+    recomputed_tokens: int = 0  # tokens forwarded again only to recover logits a split left out
+    forward_calls: int = 0  # batched model calls (waves)
+
+    def add(self, other: CallStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def model_geometry(model) -> tuple[int, int, int]:
+    """(n_layers, n_kv_heads, head_dim) of a Hugging Face decoder config."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def forward_batch(
+    model,
+    prefixes: list[list[tuple[torch.Tensor, int]]],
+    prefix_lens: list[int],
+    suffixes: list[list[int]],
+    want_kv: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One padded forward of ``suffixes`` on top of their prefix KV.
+
+    Args:
+        model: a Hugging Face causal LM (full attention).
+        prefixes: per row, the cached KV segments root→leaf as ``(kv[L, 2, H, n, D], n_used)``;
+            the first ``prefix_lens[b]`` tokens of their concatenation are the prefix.
+        prefix_lens: cached prefix length per row (0 for none).
+        suffixes: tokens to forward per row (each non-empty).
+        want_kv: return the suffixes' KV (the no-cache baseline does not keep it).
+
+    Returns:
+        ``(kv_rows, logits)``: per row the new KV ``[L, 2, H, S_b, D]`` (empty list if not
+        ``want_kv``), and the logits at each row's last suffix token, ``[B, V]`` in the model's dtype.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n_layers, n_heads, head_dim = model_geometry(model)
+    B = len(suffixes)
+    P, S = max(prefix_lens), max(len(s) for s in suffixes)
+    assert B == len(prefixes) == len(prefix_lens) and min(len(s) for s in suffixes) > 0, f"{B=}, {prefix_lens=}"
+
+    input_ids = torch.zeros(B, S, dtype=torch.long)
+    position_ids = torch.zeros(B, S, dtype=torch.long)
+    allowed = torch.zeros(B, S, P + S, dtype=torch.bool)  # [B, query, key]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    for b, (suffix, p) in enumerate(zip(suffixes, prefix_lens)):
+        s = len(suffix)
+        input_ids[b, :s] = torch.tensor(suffix)
+        position_ids[b] = torch.arange(p, p + S)
+        allowed[b, :, P - p : P] = True
+        allowed[b, :, P : P + s] = causal[:, :s]
+    mask = torch.zeros(B, 1, S, P + S, dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    cache = DynamicCache(config=model.config)
+    if P > 0:
+        kv = torch.zeros(n_layers, 2, B, n_heads, P, head_dim, dtype=dtype, device=device)
+        for b, (segments, p) in enumerate(zip(prefixes, prefix_lens)):
+            pos = P - p
+            for seg, n in segments:
+                n = min(n, P - pos)
+                if n <= 0:
+                    break
+                kv[:, :, b, :, pos : pos + n] = seg[..., :n, :]
+                pos += n
+            assert pos == P, f"row {b}: prefix segments cover {pos - (P - p)} tokens, expected {p}"
+        cache = DynamicCache(ddp_cache_data=[(kv[i, 0], kv[i, 1]) for i in range(n_layers)], config=model.config)
+
+    last = torch.tensor([len(s) - 1 for s in suffixes])[:, None]  # [B, 1]
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=last.to(device),
+    )
+    logits = out.logits[:, 0, :]  # [B, V]
+    if not want_kv:
+        return [], logits
+    layers = out.cache.layers
+    keys = torch.stack([layer.keys for layer in layers])  # [L, B, H, P + S, D]
+    values = torch.stack([layer.values for layer in layers])
+    kv_rows = [torch.stack([keys[:, b, :, P : P + len(s)], values[:, b, :, P : P + len(s)]], 1).clone() for b, s in enumerate(suffixes)]
+    return kv_rows, logits
+
+
+class CachedLM:
+    """Next-token logits for batches of token sequences, sharing computation through a TrieCache."""
+
+    def __init__(self, model, cache: TrieCache, name: str = "model"):
+        self.model = model.eval()
+        self.cache = cache
+        self.name = name
+        self.total = CallStats()  # lifetime counters (monotonic)
+
+    @property
+    def cached(self) -> bool:
+        return True
+
+    def last_logits(self, seqs: list[list[int]], pin: bool = False) -> tuple[torch.Tensor, list[TreeNode], CallStats]:
+        """Logits after the last token of each sequence.
+
+        Args:
+            seqs: token id sequences, each non-empty; duplicates and shared prefixes are fine.
+            pin: leave the node ending each sequence pinned (release with ``unpin``), so that a
+                search extending these sequences finds their KV still cached next step.
+
+        Returns ``(logits [B, V] float32, nodes, stats)``: ``nodes[b]`` is the trie node ending
+        at sequence b.
+        """
+        assert seqs and all(seqs), "every sequence needs at least one token"
+        stats = CallStats(queries=len(seqs))
+        results: list[torch.Tensor | None] = [None] * len(seqs)
+        nodes: list[TreeNode | None] = [None] * len(seqs)
+        held: list[TreeNode] = []  # pinned for this call so a tiny budget cannot evict them mid-call
+        try:
+            while True:
+                # group -> (attach node, prefix length, suffix) ; one forward per distinct group
+                groups: dict[tuple[int, int], list[int]] = {}
+                plans: list[tuple[TreeNode, int, list[int]]] = []
+                for i, seq in enumerate(seqs):
+                    if results[i] is not None:
+                        continue
+                    node, n = self.cache.match_prefix(seq)
+                    if n == len(seq) and node.logits is not None:
+                        results[i], nodes[i] = node.logits, node
+                        continue
+                    if n == len(seq):  # all KV cached, but a split left this node without logits
+                        key = (node.id, -1)
+                        plan = (node, n - 1, [seq[-1]])
+                    else:
+                        key = (node.id, seq[n])
+                        plan = (node, n, list(seq[n:]))
+                    if key not in groups:
+                        groups[key] = []
+                        plans.append(plan)
+                    groups[key].append(i)
+                if not plans:
+                    break
+                plans = [self._trim_to_branch(plan, [seqs[i] for i in groups[_key(plan)]]) for plan in plans]
+                for node, _, _ in plans:
+                    self.cache.inc_lock_ref(node)
+                    held.append(node)
+                kv_rows, logits = forward_batch(
+                    self.model,
+                    [[(seg.value, len(seg.key)) for seg in self.cache.path(node)] for node, _, _ in plans],
+                    [p for _, p, _ in plans],
+                    [suffix for _, _, suffix in plans],
+                )
+                stats.forward_calls += 1
+                for (node, p, suffix), kv, lg in zip(plans, kv_rows, logits):
+                    stats.forwarded_tokens += len(suffix)
+                    if p < node.end:  # recompute of a split node's last token: keep its KV, add logits
+                        stats.recomputed_tokens += len(suffix)
+                        self.cache.set_logits(node, lg.to(kv.dtype))
+                        continue
+                    child = self.cache.insert(node, tuple(suffix), kv, lg.to(kv.dtype))
+                    self.cache.inc_lock_ref(child)
+                    held.append(child)
+            if pin:
+                self.pin(nodes)  # type: ignore[arg-type]
+        finally:
+            for node in held:
+                self.cache.dec_lock_ref(node)
+            self.cache.evict()
+        # Query tokens that did not need a forward of their own (cached, or shared within the call).
+        stats.reused_tokens = sum(map(len, seqs)) - (stats.forwarded_tokens - stats.recomputed_tokens)
+        self.total.add(stats)
+        return torch.stack([r.float() for r in results]), nodes, stats  # type: ignore[union-attr,misc]
+
+    @staticmethod
+    def _trim_to_branch(plan: tuple[TreeNode, int, list[int]], members: list[list[int]]) -> tuple[TreeNode, int, list[int]]:
+        """Forward only the part of the suffix that every sequence of the group shares.
+
+        Sequences attached at the same node with the same next token share at least that token;
+        if they diverge later, this wave forwards the common part and the next wave the rest.
+        """
+        node, p, suffix = plan
+        if p < node.end:
+            return plan
+        k = len(suffix)
+        for seq in members:
+            rest = seq[p:]
+            j = 0
+            while j < min(k, len(rest)) and rest[j] == suffix[j]:
+                j += 1
+            k = j
+        assert k >= 1, f"{k=}"
+        return node, p, suffix[:k]
+
+    def pin(self, nodes: list[TreeNode]) -> None:
+        for node in nodes:
+            self.cache.inc_lock_ref(node)
+
+    def unpin(self, nodes: list[TreeNode]) -> None:
+        for node in nodes:
+            self.cache.dec_lock_ref(node)
+        self.cache.evict()
+
+
+def _key(plan: tuple[TreeNode, int, list[int]]) -> tuple[int, int]:
+    node, p, suffix = plan
+    return (node.id, -1) if p < node.end else (node.id, suffix[0])
+
+
+class PlainLM:
+    """The no-cache baseline: every call forwards every sequence from its first token."""
+
+    def __init__(self, model, name: str = "model"):
+        self.model = model.eval()
+        self.name = name
+        self.total = CallStats()
+
+    @property
+    def cached(self) -> bool:
+        return False
+
+    def last_logits(self, seqs: list[list[int]], pin: bool = False) -> tuple[torch.Tensor, list[None], CallStats]:
+        assert seqs and all(seqs), "every sequence needs at least one token"
+        _, logits = forward_batch(self.model, [[] for _ in seqs], [0] * len(seqs), [list(s) for s in seqs], want_kv=False)
+        stats = CallStats(queries=len(seqs), forwarded_tokens=sum(map(len, seqs)), forward_calls=1)
+        self.total.add(stats)
+        return logits.float(), [None] * len(seqs), stats
+
+    def pin(self, nodes) -> None:  # nothing is cached, so nothing to pin
+        pass
+
+    def unpin(self, nodes) -> None:
+        pass
+
+
+class PrefixCounter:
+    """Counts distinct token prefixes seen (the node count of an uncompressed trie)."""
+
+    def __init__(self):
+        self._root: dict[int, dict] = {}
+        self.count = 0
+
+    def add(self, seq: list[int]) -> None:
+        node = self._root
+        for t in seq:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                self.count += 1
+            node = nxt

@@ -1,0 +1,116 @@
+import random
+
+import pytest
+import torch
+
+from service.engine.cached_lm import CachedLM, PlainLM, PrefixCounter
+from service.engine.trie_cache import TrieCache
+
+
+def full_forward_last_logits(model, seq):
+    with torch.inference_mode():
+        return model(torch.tensor([seq])).logits[0, -1].float()
+
+
+def random_batch(rng, n, vocab=97):
+    """Sequences that share prefixes, have different lengths, and include exact duplicates."""
+    stems = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
+    seqs = []
+    for _ in range(n):
+        seq = list(rng.choice(stems)) + [rng.randrange(vocab) for _ in range(rng.randrange(0, 9))]
+        seqs.append(seq or [1])
+    seqs.append(list(seqs[0]))  # duplicate
+    seqs.append(seqs[1][: max(1, len(seqs[1]) // 2)])  # strict prefix of another row
+    return seqs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cached_logits_equal_full_forward(tiny_llama, seed):
+    rng = random.Random(seed)
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    for _ in range(3):  # later batches hit what earlier ones cached, mid-node splits included
+        seqs = random_batch(rng, 6)
+        logits, nodes, _ = lm.last_logits(seqs)
+        for seq, row, node in zip(seqs, logits, nodes):
+            torch.testing.assert_close(row, full_forward_last_logits(tiny_llama, seq), atol=1e-4, rtol=0)
+            assert node.end == len(seq)
+        lm.cache.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_lm_equals_full_forward(tiny_llama, seed):
+    seqs = random_batch(random.Random(seed), 5)
+    logits, _, stats = PlainLM(tiny_llama).last_logits(seqs)
+    assert stats.forwarded_tokens == sum(map(len, seqs))
+    for seq, row in zip(seqs, logits):
+        torch.testing.assert_close(row, full_forward_last_logits(tiny_llama, seq), atol=1e-4, rtol=0)
+
+
+def test_every_distinct_prefix_forwarded_exactly_once(tiny_llama):
+    rng = random.Random(7)
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    counter = PrefixCounter()
+    forwarded = recomputed = 0
+    for _ in range(4):
+        seqs = random_batch(rng, 8)
+        # Queries extend earlier ones or branch off them, as a search does; no query ends inside a
+        # node, so no logits need recomputing and the invariant is exact.
+        _, _, stats = lm.last_logits(seqs)
+        for s in seqs:
+            counter.add(s)
+        forwarded += stats.forwarded_tokens
+        recomputed += stats.recomputed_tokens
+    assert lm.cache.counters.evicted_tokens == 0
+    assert forwarded - recomputed == counter.count == lm.cache.num_tokens
+    lm.cache.check_invariants()
+
+
+def test_search_like_extension_forwards_one_token_per_sequence(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    prompt = list(range(1, 30))
+    _, _, first = lm.last_logits([prompt] * 4)
+    assert first.forwarded_tokens == len(prompt) and first.reused_tokens == 3 * len(prompt)
+    seqs = [prompt + [t] for t in (5, 6, 7, 8)]
+    _, _, step = lm.last_logits(seqs)
+    assert step.forwarded_tokens == 4 and step.forward_calls == 1 and step.recomputed_tokens == 0
+
+
+def test_query_ending_inside_a_node_recomputes_only_its_last_token(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    seq = [3, 1, 4, 1, 5, 9, 2, 6]
+    lm.last_logits([seq])
+    logits, nodes, stats = lm.last_logits([seq[:5]])
+    assert (stats.forwarded_tokens, stats.recomputed_tokens) == (1, 1)
+    torch.testing.assert_close(logits[0], full_forward_last_logits(tiny_llama, seq[:5]), atol=1e-4, rtol=0)
+    _, _, again = lm.last_logits([seq[:5]])
+    assert again.forwarded_tokens == 0
+    lm.cache.check_invariants()
+
+
+@pytest.mark.parametrize("budget", [0, 20_000])
+def test_tiny_byte_budget_evicts_but_results_stay_identical(tiny_llama, budget):
+    rng = random.Random(11)
+    batches = [random_batch(rng, 6) for _ in range(3)]
+    batches += batches  # the second pass hits the big cache but must recompute on the small one
+    big = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    small = CachedLM(tiny_llama, TrieCache(max_bytes=budget))
+    for seqs in batches:
+        a, _, _ = big.last_logits(seqs)
+        b, _, _ = small.last_logits(seqs)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert small.cache.nbytes <= budget  # nothing pinned after the call
+        small.cache.check_invariants()
+    assert small.cache.counters.evicted_tokens > 0
+    assert small.total.forwarded_tokens > big.total.forwarded_tokens
+
+
+def test_pinned_nodes_survive_eviction(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=0))
+    seq = [5, 6, 7, 8]
+    _, nodes, _ = lm.last_logits([seq], pin=True)
+    assert lm.cache.num_tokens == len(seq)  # pinned: kept although over budget
+    _, _, stats = lm.last_logits([seq + [9]])
+    assert stats.forwarded_tokens == 1
+    lm.unpin(nodes)
+    assert lm.cache.num_tokens == 0
+    lm.cache.check_invariants()
