@@ -1,0 +1,1 @@
+"""Model-side pieces of the guard: the multifurcation reward model (MRM) and the outcome judge."""
