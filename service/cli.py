@@ -1,0 +1,95 @@
+"""``saffron-guard`` command line: guarded generation on the configured (default: embedded) models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import SaffronError
+from service.search.params import STRATEGIES
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saffron-guard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run one guarded generation per prompt")
+    gen.add_argument("prompt", nargs="?", help="the user prompt (or use --prompts-file)")
+    gen.add_argument("--prompts-file", type=Path, help="one prompt per line; writes one JSON object per line")
+    gen.add_argument("--strategy", choices=STRATEGIES, default=None, help="search strategy (default: settings, saffron)")
+    gen.add_argument("--budget", type=int, default=None, help="N: frontier width / samples / beams")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--min-new-tokens", type=int, default=None, help="EOS is forbidden before this many tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus pruning mass (saffron, beam_prm)")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (none, best_of_n)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--prefill", default=None, help="assistant text forced at the start of the answer (prefilling attack)")
+    gen.add_argument("--system-prompt", default=None, help="replace the configured safety system prompt ('' for none)")
+    gen.add_argument("--no-trie-cache", action="store_true", help="forward full sequences every step (baseline)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, ids, reward and stats")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return dict(
+        strategy=args.strategy,
+        budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from service.guard import Guard  # heavy imports (torch, transformers) only when needed
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise SystemExit("saffron-guard generate: give exactly one of PROMPT or --prompts-file")
+    prompts = [args.prompt]
+    if args.prompts_file is not None:
+        prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"saffron-guard generate: {args.prompts_file} has no prompts")
+    settings = Settings() if args.system_prompt is None else Settings(system_prompt=args.system_prompt)
+    guard = Guard.from_settings(settings, use_cache=not args.no_trie_cache)
+    guard.params(**_overrides(args))  # validate before any work
+    info = guard.models.reward_model_info()
+    if "warning" in info and not args.json:
+        print(f"WARNING: {info['warning']}", file=sys.stderr)
+    for prompt in prompts:
+        result = guard.generate(prompt, prefill=args.prefill, **_overrides(args))
+        if args.json or args.prompts_file is not None:
+            out = result.to_dict()
+            out["prompt"] = prompt
+            out["trie_cache"] = not args.no_trie_cache
+            print(json.dumps(out), flush=True)
+        else:
+            print(result.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except SaffronError as e:
+        print(json.dumps(e.to_dict()), file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad configuration
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The library entry point: a guarded ``generate`` over a loaded model bundle."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from service.config import Settings
+from service.errors import InvalidRequestError, RequestTooLargeError
+from service.models.bundle import ModelBundle, load_bundle
+from service.search.calls import SearchContext
+from service.search.params import SearchParams
+from service.search.runner import RequestLayout, SearchRun
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the generated continuation (after any prefill), special tokens removed
+    token_ids: list[int]  # generated token ids, EOS included when finished
+    reward: float | None  # score the answer was chosen by (None for strategy "none")
+    finished: bool  # ended with EOS (False: stopped at max_new_tokens)
+    strategy: str
+    prefill: str  # assistant text forced before the generation ("" if none)
+    stats: dict  # SearchStats.to_dict()
+    reward_models: dict  # names and training status; carries a warning for untrained models
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Guard:
+    """Loads the models once; each ``generate`` runs one search on them."""
+
+    def __init__(self, settings: Settings, bundle: ModelBundle):
+        self.settings = settings
+        self.models = bundle
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, use_cache: bool = True) -> Guard:
+        settings = settings or Settings()
+        return cls(settings, load_bundle(settings, use_cache=use_cache))
+
+    def params(self, **overrides) -> SearchParams:
+        """Search parameters: server defaults from settings, then non-None overrides."""
+        s = self.settings
+        base = dict(strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+
+    def prepare(self, messages: list[dict], params: SearchParams) -> SearchRun:
+        """Validate a chat and lay it out for every model; a trailing assistant message is a prefill."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages", code="empty_messages")
+        prefill = ""
+        if messages[-1].get("role") == "assistant":
+            prefill, messages = messages[-1].get("content") or "", messages[:-1]
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users or not (users[-1].get("content") or "").strip():
+            raise InvalidRequestError("the prompt (last user message) must not be empty", param="messages", code="empty_prompt")
+        prompt = users[-1]["content"]
+        if self.settings.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.settings.system_prompt}, *messages]
+        m, tok = self.models, self.models.tokenizer
+        policy_prefix = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+        prefill_ids = tok.encode(prefill, add_special_tokens=False) if prefill else []
+        n = len(policy_prefix) + len(prefill_ids)
+        if n > self.settings.max_prompt_tokens:
+            raise RequestTooLargeError(
+                f"the prompt is {n} tokens; the limit is {self.settings.max_prompt_tokens}", param="messages", code="prompt_too_long"
+            )
+        prm_prefix, prm_suffix = m.prm.layout(prompt)
+        layout = RequestLayout(policy_prefix, m.mrm.template.prefix_ids(tok, prompt), prm_prefix, prm_suffix)
+        return SearchRun(m, layout, SearchContext(params, prefill_ids, m.eos_ids))
+
+    def generate(self, prompt: str | list[dict], prefill: str | None = None, **overrides) -> GenerationResult:
+        """Run one guarded generation.
+
+        Args:
+            prompt: a user prompt, or OpenAI-style chat messages (a trailing assistant message is
+                continued, like ``continue_final_message``).
+            prefill: assistant text to force at the start of the answer (the prefilling attack).
+            **overrides: SearchParams fields (strategy, budget, max_new_tokens, top_p, ...).
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if prefill:
+            messages.append({"role": "assistant", "content": prefill})
+        params = self.params(**overrides)
+        run = self.prepare(messages, params)
+        decision = run.run()
+        generated = decision.ids[len(run.ctx.prefill_ids) :]
+        tok = self.models.tokenizer
+        return GenerationResult(
+            text=tok.decode(generated, skip_special_tokens=True),
+            token_ids=generated,
+            reward=decision.reward,
+            finished=decision.finished,
+            strategy=params.strategy,
+            prefill=tok.decode(run.ctx.prefill_ids, skip_special_tokens=True),
+            stats=run.stats.to_dict(),
+            reward_models=self.models.reward_model_info(),
+            params=params.to_dict(),
+        )

@@ -1,0 +1,130 @@
+"""Load the policy, the MRM, the PRM and the judge once, each behind its own cached engine.
+
+Device handling: CUDA with bf16 when a GPU is available (or asked for), CPU with fp32
+otherwise; nothing assumes CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model_store.registry import resolve, verify_model_dir
+from service.config import Settings
+from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
+from service.engine.trie_cache import TrieCache
+from service.models import judge
+from service.models.mrm import MRM, load_mrm, placeholder_mrm
+from service.models.prm import GuardPRM
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype): CUDA + bf16 when available, CPU + fp32 otherwise; explicit settings win."""
+    want = settings.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("SAFFRON_DEVICE=cuda but torch sees no CUDA device; accepted: auto, cpu, cuda")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    if settings.dtype != "auto":
+        return device, getattr(torch, settings.dtype)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_causal_lm(name: str, settings: Settings, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) for a registry name, a local directory or a hub id."""
+    where = resolve(name, settings)
+    if where.path is not None and where.embedded:
+        verify_model_dir(where.path)
+    tokenizer = AutoTokenizer.from_pretrained(where.location)
+    model = AutoModelForCausalLM.from_pretrained(where.location, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+@dataclass
+class ModelBundle:
+    """Everything a search needs, loaded once per process."""
+
+    tokenizer: object
+    policy: CachedLM | PlainLM
+    policy_params: int
+    eos_ids: frozenset[int]
+    mrm: MRM
+    mrm_engine: CachedLM | PlainLM
+    mrm_params: int
+    prm: GuardPRM
+    prm_engine: CachedLM | PlainLM
+    prm_params: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def policy_vocab(self) -> int:
+        return self.policy.model.get_output_embeddings().out_features
+
+    def mrm_rewards(self, logits: torch.Tensor, unseen_reward: float) -> torch.Tensor:
+        """MRM outputs [B, V_mrm] -> rewards over the policy vocabulary with unseen tokens set low."""
+        v = self.policy_vocab
+        rewards = logits[:, :v].float()
+        return rewards.masked_fill(self.mrm.unseen_mask[:v].to(rewards.device), unseen_reward)
+
+    def judge_score(self, response_ids: list[int]) -> float:
+        return judge.score(self.tokenizer.decode(response_ids, skip_special_tokens=True))
+
+    def reward_model_info(self) -> dict:
+        """Names and training status of the reward models, reported with every result."""
+        info = {"mrm": self.mrm.name, "mrm_trained": self.mrm.trained, "prm": self.prm.name, "prm_trained": self.prm.trained}
+        if not self.mrm.trained:
+            info["warning"] = (
+                f"{self.mrm.name} is an UNTRAINED PLACEHOLDER, not a safety model: saffron results "
+                "are not guarded until a trained MRM is configured (SAFFRON_MRM_MODEL)"
+            )
+        return info
+
+
+def _engine(model, settings: Settings, use_cache: bool, name: str) -> CachedLM | PlainLM:
+    return CachedLM(model, TrieCache(settings.trie_cache_bytes), name) if use_cache else PlainLM(model, name)
+
+
+def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
+    """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
+    device, dtype = select_device(settings)
+    logger.info("loading models on %s (%s)", device, dtype)
+    policy_model, tokenizer = load_causal_lm(settings.policy_model, settings, device, dtype)
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(policy_model.generation_config, "eos_token_id", None)
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    eos.discard(None)
+
+    mrm_spec = resolve(settings.mrm_model, settings)
+    if mrm_spec.spec is not None and not mrm_spec.spec.trained:
+        mrm = placeholder_mrm(policy_model, tokenizer)
+    else:
+        base, _ = load_causal_lm(settings.policy_model, settings, device, dtype)
+        mrm = load_mrm(base, tokenizer, mrm_spec.location, name=settings.mrm_model)
+    # The untrained PRM is a prompt on the policy backbone: same weights, its own trie.
+    prm_spec = resolve(settings.prm_model, settings)
+    if prm_spec.spec is not None and not prm_spec.spec.trained:
+        prm_model = policy_model
+    else:
+        prm_model, _ = load_causal_lm(settings.prm_model, settings, device, dtype)
+    prm_engine = _engine(prm_model, settings, use_cache, "prm")
+    prm = GuardPRM.build(tokenizer, settings.prm_model, trained=bool(prm_spec.spec and prm_spec.spec.trained))
+
+    return ModelBundle(
+        tokenizer=tokenizer,
+        policy=_engine(policy_model, settings, use_cache, "policy"),
+        policy_params=count_parameters(policy_model),
+        eos_ids=frozenset(eos),
+        mrm=mrm,
+        mrm_engine=_engine(mrm.model, settings, use_cache, "mrm"),
+        mrm_params=count_parameters(mrm.model),
+        prm=prm,
+        prm_engine=prm_engine,
+        prm_params=count_parameters(prm_model),
+        device=device,
+        dtype=dtype,
+    )

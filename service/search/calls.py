@@ -1,0 +1,116 @@
+"""What a search strategy exchanges with the models, and the helpers every strategy shares.
+
+A strategy is a generator. It yields a list of ``Call``s (model calls it needs now, which
+are independent of each other) and receives one result tensor per call, in order:
+
+    logits, rewards = yield [Call("policy", seqs), Call("mrm", seqs)]
+
+It never touches a model itself, so a driver can run one search alone or step many searches
+together and batch their calls of the same model into one forward (cross-request batching).
+Sequences in a call are *response* token ids (the prefill included); the driver prepends the
+prompt layout that each model expects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from service.search.params import SearchParams
+
+# Call kinds and what the driver returns for each:
+#   "policy": next-token logits [B, V] (float32)
+#   "mrm":    per-next-token rewards [B, V], unseen tokens already set to params.unseen_reward
+#   "prm":    one process reward per sequence [B]
+#   "judge":  one outcome score per finished sequence [B] (deterministic judge, 1.0 = refusal)
+CALL_KINDS = ("policy", "mrm", "prm", "judge")
+
+
+@dataclass
+class Call:
+    kind: str  # one of CALL_KINDS
+    responses: list[list[int]]  # response token ids per row (prefill included)
+
+    def __post_init__(self):
+        assert self.kind in CALL_KINDS, f"{self.kind=}"
+        assert self.responses, "a call needs at least one row"
+
+
+@dataclass
+class Beam:
+    """One node of a search frontier."""
+
+    ids: list[int]  # response token ids, prefill included
+    reward: float = -math.inf  # -inf until finished (Saffron); PRM score (beam_prm)
+    finished: bool = False  # last token is EOS
+
+
+@dataclass
+class Decision:
+    """What a strategy returns: the chosen response and why."""
+
+    ids: list[int]  # response token ids, prefill included, EOS included when finished
+    reward: float | None  # the score it was chosen by (None for the unguarded baseline)
+    finished: bool
+    candidates: int = 1  # frontier / sample count it was chosen from
+
+
+@dataclass
+class SearchContext:
+    """Per-request facts a strategy needs besides the model calls."""
+
+    params: SearchParams
+    prefill_ids: list[int]  # assistant text forced at the start of the response (prefilling attack)
+    eos_ids: frozenset[int]
+    generator: torch.Generator = field(default_factory=torch.Generator)  # sampling RNG, seeded by the driver
+
+    def generated(self, beam_ids: list[int]) -> int:
+        return len(beam_ids) - len(self.prefill_ids)
+
+
+Strategy = Generator[list[Call], list[torch.Tensor], Decision]
+
+
+def forbid_eos(logits: torch.Tensor, ctx: SearchContext, step: int) -> torch.Tensor:
+    """Before min_new_tokens generated tokens, the EOS logits are -inf (returns a new tensor)."""
+    if step < ctx.params.min_new_tokens:
+        eos = torch.tensor(sorted(ctx.eos_ids), device=logits.device)
+        return logits.index_fill(1, eos, -math.inf)
+    return logits
+
+
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean [B, V]: tokens whose cumulative probability *before* them (sorted by probability) is < top_p.
+
+    At least one token per row survives (the first one has mass 0 before it).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = before < top_p
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy (temperature 0) or multinomial sampling at ``temperature``; returns [B] token ids."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def best_index(rewards: list[float]) -> int:
+    """Index of the highest reward, the first one on ties."""
+    best = 0
+    for i, r in enumerate(rewards):
+        if r > rewards[best]:
+            best = i
+    return best
+
+
+def stable_sort_by_reward(beams: list[Beam]) -> list[Beam]:
+    return sorted(beams, key=lambda b: -b.reward)  # sorted() is stable; -(-inf) sorts last
