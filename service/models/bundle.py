@@ -19,6 +19,7 @@ from service.engine.trie_cache import TrieCache
 from service.models import judge
 from service.models.mrm import MRM, load_mrm, placeholder_mrm
 from service.models.prm import GuardPRM
+from service.search.calls import mask_unseen
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,7 @@ class ModelBundle:
 
     def mrm_rewards(self, logits: torch.Tensor, unseen_reward: float) -> torch.Tensor:
         """MRM outputs [B, V_mrm] -> rewards over the policy vocabulary with unseen tokens set low."""
-        v = self.policy_vocab
-        rewards = logits[:, :v].float()
-        return rewards.masked_fill(self.mrm.unseen_mask[:v].to(rewards.device), unseen_reward)
+        return mask_unseen(logits[:, : self.policy_vocab], self.mrm.unseen_mask, unseen_reward)
 
     def judge_score(self, response_ids: list[int]) -> float:
         return judge.score(self.tokenizer.decode(response_ids, skip_special_tokens=True))
