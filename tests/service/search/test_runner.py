@@ -1,0 +1,71 @@
+"""SearchRun on a tiny random Llama: cached and uncached engines decide identically, pins are released."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
+from service.engine.trie_cache import TrieCache
+from service.models.bundle import ModelBundle
+from service.models.mrm import MRM
+from service.models.prm import GuardPRM
+from service.search.calls import SearchContext
+from service.search.params import STRATEGIES, SearchParams
+from service.search.runner import RequestLayout, SearchRun
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    policy = LlamaForCausalLM(cfg).eval()
+    mrm = LlamaForCausalLM(cfg).eval()
+    vocab = {f"t{i}": i for i in range(V)}
+    tok_model = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    tok_model.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok_model, eos_token="t0", unk_token="t1")
+    return policy, mrm, tokenizer
+
+
+def bundle(tiny, cached: bool) -> ModelBundle:
+    policy, mrm_model, tok = tiny
+    engine = (lambda m: CachedLM(m, TrieCache(1 << 30))) if cached else PlainLM
+    unseen = torch.zeros(V, dtype=torch.bool)
+    unseen[10:50] = True
+    return ModelBundle(
+        tokenizer=tok, policy=engine(policy), policy_params=count_parameters(policy), eos_ids=frozenset({0}),
+        mrm=MRM(mrm_model, tok, unseen, "tiny-mrm", True), mrm_engine=engine(mrm_model), mrm_params=count_parameters(mrm_model),
+        prm=GuardPRM(tok, "tiny-prm", True, safe_id=2, unsafe_id=3), prm_engine=engine(mrm_model), prm_params=count_parameters(mrm_model),
+        device=torch.device("cpu"), dtype=torch.float32,
+    )
+
+
+def run(b: ModelBundle, strategy: str):
+    params = SearchParams(strategy=strategy, budget=3, max_new_tokens=6, min_new_tokens=2, top_p=0.9, seed=5)
+    layout = RequestLayout(policy_prefix=[5, 6, 7, 8, 9], mrm_prefix=[4, 5, 6], prm_prefix=[4, 4], prm_suffix=[7, 7])
+    search = SearchRun(b, layout, SearchContext(params, [21], b.eos_ids))
+    return search.run(), search.stats
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cached_and_uncached_runs_decide_identically(tiny, strategy):
+    cached, plain = bundle(tiny, True), bundle(tiny, False)
+    d1, s1 = run(cached, strategy)
+    d2, s2 = run(plain, strategy)
+    assert d1.ids == d2.ids and d1.ids[0] == 21  # the prefill starts the response
+    assert d1.reward == pytest.approx(d2.reward) if d1.reward is not None else d2.reward is None
+    assert s1.distinct_trie_nodes == s2.distinct_trie_nodes
+    assert s1.policy_forward_tokens == s1.distinct_trie_nodes  # fresh cache: each prefix forwarded once
+    assert s2.policy_forward_tokens >= s1.policy_forward_tokens
+    for engine in (cached.policy, cached.mrm_engine, cached.prm_engine):
+        engine.cache.check_invariants()
+        assert all(n.lock_ref == 0 for n in engine.cache._iter_nodes()), "a finished search left nodes pinned"
+
+
+def test_saffron_never_picks_unseen_tokens_when_seen_ones_are_in_the_nucleus(tiny):
+    decision, _ = run(bundle(tiny, True), "saffron")
+    assert not any(10 <= t < 50 for t in decision.ids[1:])
