@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system-prompt", default=None, help="replace the configured safety system prompt ('' for none)")
     gen.add_argument("--no-trie-cache", action="store_true", help="forward full sequences every step (baseline)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, ids, reward and stats")
+
+    serve = sub.add_parser("serve", help="run Redis (if SAFFRON_REDIS_URL is unset), N workers and the gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU; CPU works too)")
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway only (needs SAFFRON_REDIS_URL)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+
+    wk = sub.add_parser("worker", help="run one worker process (needs SAFFRON_REDIS_URL)")
+    wk.add_argument("--id", default=None, help="worker id (default: host-pid)")
     return parser
 
 
@@ -82,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            from service.serve import serve
+
+            return serve(Settings(), host=args.host, port=args.port, workers=args.workers)
+        if args.command == "gateway":
+            from service.gateway.app import run_gateway
+
+            return run_gateway(Settings(), host=args.host, port=args.port)
+        if args.command == "worker":
+            from service.worker.main import run_worker
+
+            return run_worker(Settings(), worker_id=args.id)
     except SaffronError as e:
         print(json.dumps(e.to_dict()), file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # DESIGN.md §4: every method, the unguarded baseline included, gets the same safety system prompt.
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = "development"
     home: Path = Field(default_factory=default_home, description="root of prepared models and caches")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()
 
     # Models: a registry name (see model_store.registry), a local directory or a hub id.
     policy_model: str = "smollm2-135m-instruct"
@@ -52,15 +57,36 @@ class Settings(BaseSettings):
 
     trie_cache_bytes: int = 2 * 1024**3  # per model; LRU eviction of unpinned nodes above this
 
+    # Serving (gateway + workers).
+    redis_url: str | None = None  # None: `saffron-guard serve` starts a local Redis-compatible server
+    redis_prefix: str = "saffron"  # key namespace (service/queue/keys.py)
+    served_model_name: str = "saffron-guard"  # the model id clients send; /v1/models lists it
+    api_keys: str = ""  # comma-separated bearer tokens; empty: no authentication (development only)
+    max_queue: int = 64  # queued + running jobs admitted; past it, 429 with Retry-After
+    max_body_bytes: int = 1024 * 1024  # request bodies above this get 413
+    request_timeout_s: float = 300.0  # job deadline; past it the gateway answers 504
+    fail_closed_threshold: float | None = None  # answers whose reward is below this are replaced (content_filter)
+    refusal_message: str = "I'm sorry, but I can't help with that."  # the fixed fail-closed answer
+    worker_max_active: int = 8  # searches one worker steps together (its continuous batch)
+    worker_claim_idle_s: float = 30.0  # a job unacknowledged this long is claimed by another worker
+    worker_shutdown_grace_s: float = 30.0  # on SIGTERM, finish in-flight jobs for this long, then hand back
+    worker_metrics_port: int = 9101  # a worker serves /metrics here (worker i of `serve` uses port + i)
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.budget < 1 or self.budget > self.max_budget:
             raise ValueError(f"budget must be in [1, {self.max_budget}], got {self.budget}")
         if self.max_new_tokens < 1 or self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens must be in [1, {self.max_new_tokens_limit}], got {self.max_new_tokens}")
+        if self.environment == "production" and not self.api_key_set:
+            raise ValueError("refusing to run in production without authentication; set SAFFRON_API_KEYS")
         if self.environment == "production" and self.mrm_model == "untrained-placeholder-mrm":
             raise ValueError("refusing to run in production with the untrained placeholder MRM; set SAFFRON_MRM_MODEL")
         return self
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     @property
     def models_dir(self) -> Path:

@@ -1,0 +1,1 @@
+"""Redis Streams job queue shared by the gateway and the workers."""
