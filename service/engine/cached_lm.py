@@ -17,7 +17,7 @@ position ids keep every row equal to its own unpadded forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import DynamicCache
@@ -34,10 +34,26 @@ class CallStats:
     reused_tokens: int = 0  # query tokens served from the cache
     recomputed_tokens: int = 0  # tokens forwarded again only to recover logits a split left out
     forward_calls: int = 0  # batched model calls (waves)
+    # Per query row: tokens forwarded on its behalf (a shared suffix counts for its first row only),
+    # so a batch merged from several searches can charge each search its own share.
+    row_forwarded: list[int] = field(default_factory=list)
+    row_recomputed: list[int] = field(default_factory=list)
 
     def add(self, other: CallStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.type == "int":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def rows(self, seqs: list[list[int]], start: int, stop: int) -> CallStats:
+        """The share of rows ``start:stop`` (whose sequences are ``seqs``) in this call."""
+        fwd, rec = sum(self.row_forwarded[start:stop]), sum(self.row_recomputed[start:stop])
+        return CallStats(
+            queries=stop - start,
+            forwarded_tokens=fwd,
+            reused_tokens=sum(map(len, seqs)) - (fwd - rec),
+            recomputed_tokens=rec,
+            forward_calls=self.forward_calls,
+        )
 
 
 def model_geometry(model) -> tuple[int, int, int]:
@@ -152,7 +168,7 @@ class CachedLM:
         at sequence b.
         """
         assert seqs and all(seqs), "every sequence needs at least one token"
-        stats = CallStats(queries=len(seqs))
+        stats = CallStats(queries=len(seqs), row_forwarded=[0] * len(seqs), row_recomputed=[0] * len(seqs))
         results: list[torch.Tensor | None] = [None] * len(seqs)
         nodes: list[TreeNode | None] = [None] * len(seqs)
         held: list[TreeNode] = []  # pinned for this call so a tiny budget cannot evict them mid-call
@@ -191,10 +207,14 @@ class CachedLM:
                     [suffix for _, _, suffix in plans],
                 )
                 stats.forward_calls += 1
-                for (node, p, suffix), kv, lg in zip(plans, kv_rows, logits):
+                for plan, kv, lg in zip(plans, kv_rows, logits):
+                    node, p, suffix = plan
+                    owner = groups[_key(plan)][0]
                     stats.forwarded_tokens += len(suffix)
+                    stats.row_forwarded[owner] += len(suffix)
                     if p < node.end:  # recompute of a split node's last token: keep its KV, add logits
                         stats.recomputed_tokens += len(suffix)
+                        stats.row_recomputed[owner] += len(suffix)
                         self.cache.set_logits(node, lg.to(kv.dtype))
                         continue
                     child = self.cache.insert(node, tuple(suffix), kv, lg.to(kv.dtype))
@@ -261,7 +281,8 @@ class PlainLM:
     def last_logits(self, seqs: list[list[int]], pin: bool = False) -> tuple[torch.Tensor, list[None], CallStats]:
         assert seqs and all(seqs), "every sequence needs at least one token"
         _, logits = forward_batch(self.model, [[] for _ in seqs], [0] * len(seqs), [list(s) for s in seqs], want_kv=False)
-        stats = CallStats(queries=len(seqs), forwarded_tokens=sum(map(len, seqs)), forward_calls=1)
+        lens = [len(s) for s in seqs]
+        stats = CallStats(queries=len(seqs), forwarded_tokens=sum(lens), forward_calls=1, row_forwarded=lens, row_recomputed=[0] * len(seqs))
         self.total.add(stats)
         return logits.float(), [None] * len(seqs), stats
 

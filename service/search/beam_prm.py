@@ -43,5 +43,6 @@ def beam_prm(ctx: SearchContext) -> Strategy:
             child.reward = score
         carried = [b for b in frontier if b.finished]
         frontier = stable_sort_by_reward(carried + children)[: p.budget]
+        ctx.frontier = [b.ids for b in frontier]
     best = frontier[best_index([b.reward for b in frontier])]
     return Decision(best.ids, best.reward, best.finished, candidates=len(frontier))

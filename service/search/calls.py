@@ -66,6 +66,7 @@ class SearchContext:
     prefill_ids: list[int]  # assistant text forced at the start of the response (prefilling attack)
     eos_ids: frozenset[int]
     generator: torch.Generator = field(default_factory=torch.Generator)  # sampling RNG, seeded by the driver
+    frontier: list[list[int]] = field(default_factory=list)  # current candidates' ids, kept up to date by the strategy
 
     def generated(self, beam_ids: list[int]) -> int:
         return len(beam_ids) - len(self.prefill_ids)

@@ -76,24 +76,27 @@ class SearchRun:
             return [lay.prm_prefix + r + lay.prm_suffix for r in call.responses]
         return call.responses
 
-    def execute(self, call: Call) -> torch.Tensor:
-        """Run one call on its model and turn raw outputs into what the strategy expects."""
+    def engine(self, kind: str):
         m = self.models
-        seqs = self.inputs(call)
-        if call.kind == "judge":
-            self.stats.reward_calls += len(seqs)
-            return torch.tensor([m.judge_score(r) for r in seqs])
-        engine = {"policy": m.policy, "mrm": m.mrm_engine, "prm": m.prm_engine}[call.kind]
-        assert engine is not None, f"strategy {self.ctx.params.strategy!r} needs a {call.kind} model, none loaded"
-        logits, nodes, cs = engine.last_logits(seqs, pin=True)
+        engine = {"policy": m.policy, "mrm": m.mrm_engine, "prm": m.prm_engine}[kind]
+        assert engine is not None, f"strategy {self.ctx.params.strategy!r} needs a {kind} model, none loaded"
+        return engine
+
+    def accept(self, call: Call, seqs: list[list[int]], logits: torch.Tensor, nodes: list, cs: CallStats) -> torch.Tensor:
+        """Take this run's rows of a (possibly merged) model call: pin them, count them, post-process."""
+        engine = self.engine(call.kind)
         engine.unpin(self._pinned.get(call.kind, []))
         self._pinned[call.kind] = nodes
         self._count(call.kind, seqs, cs)
         if call.kind == "policy":
             return logits
         if call.kind == "mrm":
-            return m.mrm_rewards(logits, self.ctx.params.unseen_reward)
-        return m.prm.scores_from_logits(logits)
+            return self.models.mrm_rewards(logits, self.ctx.params.unseen_reward)
+        return self.models.prm.scores_from_logits(logits)
+
+    def judge(self, call: Call) -> torch.Tensor:
+        self.stats.reward_calls += len(call.responses)
+        return torch.tensor([self.models.judge_score(r) for r in call.responses])
 
     def feed(self, results: list[torch.Tensor]) -> bool:
         """Send results of the pending calls; returns True when the search has finished."""
@@ -107,22 +110,25 @@ class SearchRun:
             return True
 
     def run(self) -> Decision:
-        """Run to completion, one batched engine call per model per round."""
+        """Run to completion on its own (one batched engine call per model per round)."""
         try:
             self.start()
             while self.pending is not None:
-                if self.feed([self.execute(call) for call in self.pending]):
-                    break
+                step_runs([self])
         finally:
             self.close()
         assert self.decision is not None
         return self.decision
 
+    @property
+    def committed(self) -> list[int]:
+        """Response ids every frontier node agrees on: they are in the final answer whatever happens."""
+        return common_prefix(self.ctx.frontier) if self.ctx.frontier else list(self.ctx.prefill_ids)
+
     def close(self) -> None:
         """Release every pinned trie node (idempotent) and stop the clock."""
-        m = self.models
         for kind, nodes in self._pinned.items():
-            {"policy": m.policy, "mrm": m.mrm_engine, "prm": m.prm_engine}[kind].unpin(nodes)
+            self.engine(kind).unpin(nodes)
         self._pinned = {}
         self.gen.close()
         self.stats.distinct_trie_nodes = self._prefixes.count
@@ -141,3 +147,40 @@ class SearchRun:
             s.reward_forward_tokens += cs.forwarded_tokens
             s.reward_calls += cs.queries
             s.flops_estimate += 2.0 * (m.mrm_params if kind == "mrm" else m.prm_params) * cs.forwarded_tokens
+
+
+def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
+    """Advance every run by one round; returns the runs that finished.
+
+    All runs' calls of the same model are merged into ONE engine call (continuous batching
+    across requests), then each run gets its own rows back. Runs must share one ModelBundle.
+    """
+    results: dict[int, list[torch.Tensor | None]] = {id(r): [None] * len(r.pending or []) for r in runs}
+    for kind in ("policy", "mrm", "prm"):
+        rows = [(r, i, call, r.inputs(call)) for r in runs for i, call in enumerate(r.pending or []) if call.kind == kind]
+        if not rows:
+            continue
+        seqs = [seq for _, _, _, inputs in rows for seq in inputs]
+        logits, nodes, cs = rows[0][0].engine(kind).last_logits(seqs, pin=True)
+        start = 0
+        for run, i, call, inputs in rows:
+            stop = start + len(inputs)
+            results[id(run)][i] = run.accept(call, inputs, logits[start:stop], nodes[start:stop], cs.rows(inputs, start, stop))
+            start = stop
+    for run in runs:
+        for i, call in enumerate(run.pending or []):
+            if call.kind == "judge":
+                results[id(run)][i] = run.judge(call)
+    return [run for run in runs if run.feed(results[id(run)])]  # type: ignore[arg-type]
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = len(first)
+    for seq in seqs[1:]:
+        n = min(n, len(seq))
+        i = 0
+        while i < n and seq[i] == first[i]:
+            i += 1
+        n = i
+    return first[:n]

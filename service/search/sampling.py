@@ -27,6 +27,7 @@ def _sample(ctx: SearchContext, n: int):
         for i, tok in zip(live, sample_tokens(logits, temperature, ctx.generator).tolist()):
             seqs[i].append(tok)
             done[i] = tok in ctx.eos_ids
+        ctx.frontier = seqs
     return seqs, done
 
 

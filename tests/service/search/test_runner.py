@@ -69,3 +69,35 @@ def test_cached_and_uncached_runs_decide_identically(tiny, strategy):
 def test_saffron_never_picks_unseen_tokens_when_seen_ones_are_in_the_nucleus(tiny):
     decision, _ = run(bundle(tiny, True), "saffron")
     assert not any(10 <= t < 50 for t in decision.ids[1:])
+
+
+def test_runs_stepped_together_match_runs_alone(tiny):
+    """Merging several searches' calls into one batch changes neither decisions nor their token share."""
+    from service.search.runner import step_runs
+
+    def make(b, strategy, seed, prompt):
+        params = SearchParams(strategy=strategy, budget=3, max_new_tokens=5, min_new_tokens=1, top_p=0.9, seed=seed)
+        layout = RequestLayout(policy_prefix=prompt, mrm_prefix=[4] + prompt[:2], prm_prefix=[4, 4], prm_suffix=[7, 7])
+        return SearchRun(b, layout, SearchContext(params, [], b.eos_ids))
+
+    specs = [("saffron", 1, [5, 6, 7]), ("best_of_n", 2, [5, 6, 8]), ("beam_prm", 3, [9, 9]), ("none", 4, [5, 6, 7])]
+    alone = []
+    for spec in specs:
+        run_ = make(bundle(tiny, False), *spec)
+        alone.append((run_.run(), run_.stats))
+    b = bundle(tiny, True)
+    runs = [make(b, *spec) for spec in specs]
+    for r in runs:
+        r.start()
+    active = list(runs)
+    while active:
+        done = step_runs(active)
+        active = [r for r in active if r not in done]
+    for r, (decision, stats) in zip(runs, alone):
+        r.close()
+        assert r.decision.ids == decision.ids
+        assert r.stats.distinct_trie_nodes == stats.distinct_trie_nodes
+        assert r.stats.policy_calls == stats.policy_calls
+    # Shared prompt prefixes are forwarded once for the whole batch, so the total is below the sum.
+    assert sum(r.stats.policy_forward_tokens for r in runs) == b.policy.cache.num_tokens
+    assert all(n.lock_ref == 0 for n in b.policy.cache._iter_nodes())
