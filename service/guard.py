@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from service.config import Settings
@@ -16,7 +17,7 @@ from service.search.runner import RequestLayout, SearchRun
 class GenerationResult:
     text: str  # the generated continuation (after any prefill), special tokens removed
     token_ids: list[int]  # generated token ids, EOS included when finished
-    reward: float | None  # score the answer was chosen by (None for strategy "none")
+    reward: float | None  # score the answer was chosen by (None for strategy "none"); -inf: nothing finished
     finished: bool  # ended with EOS (False: stopped at max_new_tokens)
     strategy: str
     prefill: str  # assistant text forced before the generation ("" if none)
@@ -25,7 +26,11 @@ class GenerationResult:
     params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-safe dict: a non-finite reward becomes None (JSON has no Infinity)."""
+        out = asdict(self)
+        if out["reward"] is not None and not math.isfinite(out["reward"]):
+            out["reward"] = None
+        return out
 
 
 class Guard:
@@ -86,7 +91,13 @@ class Guard:
             messages.append({"role": "assistant", "content": prefill})
         params = self.params(**overrides)
         run = self.prepare(messages, params)
-        decision = run.run()
+        run.run()
+        return self.result(run)
+
+    def result(self, run: SearchRun) -> GenerationResult:
+        """The GenerationResult of a finished (and closed) run."""
+        decision, params = run.decision, run.ctx.params
+        assert decision is not None, "the run has not finished"
         generated = decision.ids[len(run.ctx.prefill_ids) :]
         tok = self.models.tokenizer
         return GenerationResult(
