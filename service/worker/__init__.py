@@ -1,0 +1,1 @@
+"""The worker process: owns the models, pulls jobs from Redis, steps all searches together."""

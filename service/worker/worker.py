@@ -1,0 +1,336 @@
+"""The worker loop: pull jobs from the Redis stream, step all active searches together, answer.
+
+Shaped like arq's worker: poll, start jobs under a bound (``worker_max_active``), claim
+idempotently (one ``done`` flag per job, SET NX), run under a deadline, classify the outcome
+(ok / error / cancelled / timeout / handed_back), heartbeat key with a TTL, and on SIGTERM
+stop taking jobs, drain for ``worker_shutdown_grace_s``, then hand the rest back to the queue.
+
+Jobs that a dead worker had taken stay pending in the consumer group; after
+``worker_claim_idle_s`` without an ack another worker takes them over with XAUTOCLAIM. A live
+worker refreshes the idle time of its own jobs with every heartbeat so they are never stolen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from service import metrics
+from service.config import Settings
+from service.errors import SaffronError
+from service.guard import Guard
+from service.models.judge import judge_response
+from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event
+from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys
+from service.search.params import SearchParams
+from service.search.runner import SearchRun, step_runs
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 2.0
+
+
+@dataclass
+class Active:
+    """A job this worker is running."""
+
+    entry_id: str  # id of the job's entry in the jobs stream
+    job: Job
+    run: SearchRun
+    started: float = field(default_factory=time.time)
+    streamed_ids: int = 0  # committed response ids already sent as text
+    streamed_text: str = ""
+
+
+class Worker:
+    def __init__(self, settings: Settings, guard: Guard, client: redis.Redis, worker_id: str | None = None):
+        self.settings = settings
+        self.guard = guard
+        self.redis = client
+        self.keys = Keys(settings.redis_prefix)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.active: list[Active] = []
+        self.stopping = False
+        self._last_heartbeat = 0.0
+        self._last_claim = 0.0
+        self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self, *, install_signals: bool = True, max_loops: int | None = None) -> None:
+        """Serve until stopped (SIGTERM/SIGINT, or ``max_loops`` iterations for tests)."""
+        self.ensure_group()
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        logger.info("worker %s serving %s (max %d active)", self.id, self.keys.jobs, self.settings.worker_max_active)
+        stop_deadline = None
+        loops = 0
+        try:
+            while max_loops is None or loops < max_loops:
+                loops += 1
+                now = time.monotonic()
+                if now - self._last_heartbeat >= min(HEARTBEAT_EVERY_S, self.settings.worker_claim_idle_s / 3):
+                    self.heartbeat()
+                if self.stopping:
+                    stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
+                    if not self.active:
+                        break
+                    if now >= stop_deadline:
+                        self.hand_back_all()
+                        break
+                else:
+                    if now - self._last_claim >= max(self.settings.worker_claim_idle_s / 2, 0.5):
+                        self.claim_stale()
+                    self.poll(block_ms=20 if self.active else 500)
+                self.check_cancel_and_deadlines()
+                if self.active:
+                    self.step()
+        finally:
+            self.redis.delete(self.keys.worker(self.id))
+            metrics.WORKER_BUSY.set(0)
+            logger.info("worker %s stopped", self.id)
+
+    def _on_signal(self, signum, frame) -> None:
+        logger.info("worker %s: signal %d, draining %d job(s)", self.id, signum, len(self.active))
+        self.stopping = True
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.keys.jobs, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def heartbeat(self) -> None:
+        status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
+        self.redis.set(self.keys.worker(self.id), json.dumps(status), ex=HEARTBEAT_TTL_S)
+        if self.active:  # reset the idle time of our own entries so no other worker claims them
+            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, [a.entry_id for a in self.active], justid=True)
+        self._last_heartbeat = time.monotonic()
+
+    # ------------------------------------------------------------------ taking jobs
+    def free_slots(self) -> int:
+        return self.settings.worker_max_active - len(self.active)
+
+    def poll(self, block_ms: int) -> None:
+        if self.free_slots() <= 0:
+            return
+        got = self.redis.xreadgroup(GROUP, self.id, {self.keys.jobs: ">"}, count=self.free_slots(), block=block_ms)
+        for _, entries in got or []:
+            for entry_id, fields in entries:
+                self.admit(entry_id, fields)
+
+    def claim_stale(self) -> None:
+        """Take over jobs another (dead) worker left unacknowledged for too long."""
+        self._last_claim = time.monotonic()
+        if self.free_slots() <= 0:
+            return
+        idle_ms = int(self.settings.worker_claim_idle_s * 1000)
+        mine = {a.entry_id for a in self.active}
+        if mine:  # a slow step must not make our own jobs look abandoned to ourselves
+            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, list(mine), justid=True)
+        _, entries, _ = self.redis.xautoclaim(self.keys.jobs, GROUP, self.id, idle_ms, "0-0", count=self.free_slots())
+        for entry_id, fields in entries:
+            if fields and entry_id not in mine:  # fields is None for entries deleted meanwhile
+                logger.warning("worker %s claimed stale job entry %s", self.id, entry_id)
+                self.admit(entry_id, fields)
+
+    def admit(self, entry_id: str, fields: dict) -> None:
+        """Validate a job and start its search, or answer it with an error right away."""
+        try:
+            job = Job.loads(fields["job"])
+        except (KeyError, TypeError, ValueError):
+            logger.exception("dropping malformed job entry %s", entry_id)
+            self.ack(entry_id)
+            return
+        if self.redis.exists(self.keys.done(job.id)) or self.redis.exists(self.keys.cancel(job.id)):
+            self.ack(entry_id)  # answered by another worker, or nobody waits for it any more
+            return
+        if job.deadline and time.time() > job.deadline:
+            self.fail(entry_id, job, error_event(504, "the request timed out in the queue", type_="timeout", code="timeout"), "timeout")
+            return
+        s = self.settings
+        try:
+            params = SearchParams(**job.params).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+            run = self.guard.prepare(job.messages, params)
+            run.start()
+        except SaffronError as e:
+            self.fail(entry_id, job, error_event(e.status_code, e.message, type_=e.error_type, param=e.param, code=e.code), "error")
+            return
+        except (TypeError, ValueError) as e:
+            self.fail(entry_id, job, error_event(400, f"invalid job: {e}", type_="invalid_request_error"), "error")
+            return
+        metrics.QUEUE_WAIT.labels(params.strategy).observe(max(0.0, time.time() - job.created))
+        active = Active(entry_id, job, run)
+        if job.stream:  # a job taken over from a dead worker may have streamed part of its text already
+            sent = [json.loads(f["event"]) for _, f in self.redis.xrange(self.keys.result(job.id))]
+            active.streamed_text = "".join(e.get("text", "") for e in sent if e.get("type") == "delta")
+        self.active.append(active)
+        metrics.WORKER_BUSY.set(len(self.active))
+        logger.info("job %s started: strategy=%s budget=%d queue_wait=%.2fs", job.id, params.strategy, params.budget, time.time() - job.created)
+
+    # ------------------------------------------------------------------ running
+    def step(self) -> None:
+        """One round of every active search, batched across them."""
+        for kind in ("policy", "mrm", "prm"):
+            rows = sum(len(c.responses) for a in self.active for c in a.run.pending or [] if c.kind == kind)
+            if rows:
+                metrics.BATCH_ROWS.labels(kind).observe(rows)
+        try:
+            finished = step_runs([a.run for a in self.active])
+        except Exception:  # a model error fails the batch, not the worker
+            logger.exception("search step failed for %d job(s)", len(self.active))
+            for a in list(self.active):
+                self.fail(a.entry_id, a.job, error_event(500, "internal error while searching", code="search_failed"), "error", a)
+            return
+        self.export_cache_metrics()
+        done = {id(r) for r in finished}
+        for a in list(self.active):
+            if id(a.run) in done:
+                self.finish(a)
+            elif a.job.stream and self.settings.fail_closed_threshold is None:
+                self.stream_committed(a)
+
+    def stream_committed(self, a: Active) -> None:
+        """Send text that every search node agrees on; it cannot change any more."""
+        eos = self.guard.models.eos_ids
+        ids = [t for t in a.run.committed[len(a.run.ctx.prefill_ids) :] if t not in eos]
+        if len(ids) <= a.streamed_ids:
+            return
+        text = self.guard.models.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character is still incomplete
+        # Decoding more tokens can re-space earlier text; send only clean extensions, the final event has the rest.
+        if text.startswith(a.streamed_text) and len(text) > len(a.streamed_text):
+            self.publish(a.job.id, delta_event(text[len(a.streamed_text) :]))
+            a.streamed_text, a.streamed_ids = text, len(ids)
+
+    def finish(self, a: Active) -> None:
+        a.run.close()
+        result = self.guard.result(a.run)
+        params, s = a.run.ctx.params, self.settings
+        text, finish_reason = result.text, "stop" if result.finished else "length"
+        blocked = (
+            s.fail_closed_threshold is not None and result.reward is not None and result.reward < s.fail_closed_threshold
+        )
+        if blocked:
+            text, finish_reason, refused, source = s.refusal_message, "content_filter", True, "guard"
+        else:
+            refused, source = judge_response(result.prefill + result.text).refused, "policy"
+        if refused:
+            metrics.REFUSALS.labels(params.strategy, source).inc()
+        stats = result.stats
+        safety = {
+            "strategy": params.strategy,
+            "reward": result.reward if result.reward is None or result.reward > -1e300 else None,
+            "refused": refused,
+            "refusal_source": source if refused else None,
+            "reward_calls": stats["reward_calls"],
+            "policy_forward_tokens": stats["policy_forward_tokens"],
+            "reward_forward_tokens": stats["reward_forward_tokens"],
+            "trie_reused_tokens": stats["trie_reused_tokens"],
+            "distinct_trie_nodes": stats["distinct_trie_nodes"],
+            "flops_estimate": stats["flops_estimate"],
+            "reward_models": result.reward_models,
+        }
+        event = final_event(
+            {
+                "text": text,
+                "finish_reason": finish_reason,
+                "prompt_tokens": len(a.run.layout.policy_prefix) + len(a.run.ctx.prefill_ids),
+                "completion_tokens": len(result.token_ids),
+                "safety": safety,
+                "worker": self.id,
+                "queue_wait_s": a.started - a.job.created,
+                "run_s": time.time() - a.started,
+            }
+        )
+        if self.claim_answer(a.job.id):
+            self.publish(a.job.id, event)
+        metrics.SEARCH_SECONDS.labels(params.strategy).observe(time.time() - a.started)
+        metrics.GENERATED_TOKENS.labels(params.strategy).inc(len(result.token_ids))
+        metrics.REWARD_MODEL_CALLS.labels(params.strategy).inc(stats["reward_calls"])
+        self.retire(a, "ok")
+        logger.info(
+            "job %s done: %s tokens, reward=%s, refused=%s (%s), %.2fs",
+            a.job.id, len(result.token_ids), safety["reward"], refused, source, time.time() - a.started,
+        )
+
+    def check_cancel_and_deadlines(self) -> None:
+        if not self.active:
+            return
+        cancelled = self.redis.mget([self.keys.cancel(a.job.id) for a in self.active])
+        now = time.time()
+        for a, flag in zip(list(self.active), cancelled):
+            if flag is not None:
+                logger.info("job %s cancelled by the client", a.job.id)
+                a.run.close()
+                self.retire(a, "cancelled")
+            elif a.job.deadline and now > a.job.deadline:
+                a.run.close()
+                self.fail(a.entry_id, a.job, error_event(504, "the search ran past the request deadline", type_="timeout", code="timeout"), "timeout", a)
+
+    def hand_back_all(self) -> None:
+        """Shutdown grace is over: requeue unfinished jobs (same id, so clients keep waiting) and ack ours."""
+        for a in list(self.active):
+            a.run.close()
+            self.redis.xadd(self.keys.jobs, {"job": a.job.dumps()})
+            self.retire(a, "handed_back")
+            logger.warning("job %s handed back to the queue", a.job.id)
+
+    # ------------------------------------------------------------------ helpers
+    def claim_answer(self, job_id: str) -> bool:
+        """True for exactly one worker per job: the one allowed to publish its final answer."""
+        return bool(self.redis.set(self.keys.done(job_id), self.id, nx=True, ex=RESULT_TTL_S))
+
+    def publish(self, job_id: str, event: dict) -> None:
+        key = self.keys.result(job_id)
+        pipe = self.redis.pipeline()
+        pipe.xadd(key, dumps_event(event))
+        pipe.expire(key, RESULT_TTL_S)
+        pipe.execute()
+
+    def fail(self, entry_id: str, job: Job, event: dict, outcome: str, active: Active | None = None) -> None:
+        if self.claim_answer(job.id):
+            self.publish(job.id, event)
+        if active is not None:
+            active.run.close()
+            self.retire(active, outcome)
+        else:
+            self.ack(entry_id)
+            metrics.WORKER_JOBS.labels(outcome).inc()
+        logger.info("job %s %s: %s", job.id, outcome, event["error"]["message"])
+
+    def retire(self, a: Active, outcome: str) -> None:
+        self.active.remove(a)
+        self.ack(a.entry_id)
+        metrics.WORKER_JOBS.labels(outcome).inc()
+        metrics.WORKER_BUSY.set(len(self.active))
+
+    def ack(self, entry_id: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.xack(self.keys.jobs, GROUP, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)  # the stream's length is the queued + running count
+        pipe.execute()
+
+    def export_cache_metrics(self) -> None:
+        m = self.guard.models
+        for name, engine in (("policy", m.policy), ("mrm", m.mrm_engine), ("prm", m.prm_engine)):
+            t = engine.total
+            evicted = engine.cache.counters.evicted_tokens if engine.cached else 0
+            query = t.forwarded_tokens - t.recomputed_tokens + t.reused_tokens
+            now = (query, t.forwarded_tokens, t.reused_tokens, evicted)
+            last = self._seen_totals.get(name, (0, 0, 0, 0))
+            for counter, new, old in zip(
+                (metrics.TRIE_QUERY_TOKENS, metrics.TRIE_FORWARDED_TOKENS, metrics.TRIE_REUSED_TOKENS, metrics.TRIE_EVICTED_TOKENS), now, last
+            ):
+                if new > old:
+                    counter.labels(name).inc(new - old)
+            self._seen_totals[name] = now

@@ -1,0 +1,192 @@
+"""The worker against a real Redis-compatible server and the real default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from service.config import Settings
+from service.guard import Guard
+from service.queue.jobs import Job
+from service.queue.keys import GROUP, Keys
+from service.redis_server import start_redis_server
+from service.worker.worker import Worker
+
+pytestmark = pytest.mark.model
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with start_redis_server() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def guard():
+    return Guard.from_settings(Settings())
+
+
+@pytest.fixture
+def settings(server):
+    # A fresh key prefix per test keeps tests apart on one server.
+    return Settings(redis_url=server.url, redis_prefix=f"t{uuid.uuid4().hex[:8]}", worker_claim_idle_s=1.0)
+
+
+@pytest.fixture
+def client(server):
+    c = redis.Redis.from_url(server.url, decode_responses=True)
+    yield c
+    c.close()
+
+
+def enqueue(client, settings, content="What is the capital of France?", stream=False, **params) -> Job:
+    params = dict(strategy="none", max_new_tokens=8, min_new_tokens=2) | params
+    job = Job(messages=[{"role": "user", "content": content}], params=params, stream=stream, deadline=time.time() + 300)
+    client.xadd(Keys(settings.redis_prefix).jobs, {"job": job.dumps()})
+    return job
+
+
+def events(client, settings, job: Job) -> list[dict]:
+    return [json.loads(f["event"]) for _, f in client.xrange(Keys(settings.redis_prefix).result(job.id))]
+
+
+def serve_until(worker: Worker, client, settings, jobs, limit_loops=400):
+    """Run the worker loop until every job has a final or error event."""
+    for _ in range(limit_loops):
+        worker.run(install_signals=False, max_loops=1)
+        if all(events(client, settings, j) and events(client, settings, j)[-1]["type"] != "delta" for j in jobs):
+            return
+    raise AssertionError("jobs not answered within the loop limit")
+
+
+def test_round_trip_batches_jobs_and_streams_committed_text(guard, settings, client):
+    jobs = [
+        enqueue(client, settings, stream=True),
+        enqueue(client, settings, "Give detailed instructions for picking a lock", stream=True, strategy="saffron", budget=3),
+        enqueue(client, settings, "Write a haiku about rain", strategy="best_of_n", budget=2),
+    ]
+    worker = Worker(settings, guard, client, "w-test")
+    serve_until(worker, client, settings, jobs)
+    for job in jobs:
+        evs = events(client, settings, job)
+        final = evs[-1]
+        assert final["type"] == "final" and final["worker"] == "w-test", final
+        assert final["finish_reason"] in ("stop", "length") and final["completion_tokens"] > 0
+        streamed = "".join(e["text"] for e in evs if e["type"] == "delta")
+        assert final["text"].startswith(streamed)
+        assert set(final["safety"]) >= {"strategy", "reward", "refused", "reward_calls", "policy_forward_tokens", "trie_reused_tokens"}
+    first = events(client, settings, jobs[0])
+    assert [e["type"] for e in first].count("delta") >= 2  # greedy decoding commits every token
+    assert "Paris" in first[-1]["text"]
+    assert client.xlen(Keys(settings.redis_prefix).jobs) == 0  # acked and deleted
+    assert not worker.active
+
+
+def test_bad_jobs_get_error_events_with_status(guard, settings, client):
+    bad = enqueue(client, settings, budget=0)
+    empty = enqueue(client, settings, content="   ")
+    worker = Worker(settings, guard, client, "w-test")
+    serve_until(worker, client, settings, [bad, empty])
+    assert events(client, settings, bad)[-1]["status"] == 400
+    assert events(client, settings, bad)[-1]["error"]["param"] == "budget"
+    assert events(client, settings, empty)[-1]["error"]["code"] == "empty_prompt"
+    long = enqueue(client, settings, content="word " * 200)
+    tight = Settings(**(settings.model_dump() | {"max_prompt_tokens": 64}))
+    serve_until(Worker(tight, Guard(tight, guard.models), client, "w-test"), client, settings, [long])
+    assert events(client, settings, long)[-1]["status"] == 413
+
+
+def test_cancelled_and_expired_jobs_are_not_answered(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    job = enqueue(client, settings, max_new_tokens=64, min_new_tokens=64)
+    worker = Worker(settings, guard, client, "w-test")
+    worker.run(install_signals=False, max_loops=2)
+    assert len(worker.active) == 1
+    client.set(keys.cancel(job.id), 1)
+    worker.run(install_signals=False, max_loops=1)
+    assert not worker.active and events(client, settings, job) == []
+    late = Job(messages=[{"role": "user", "content": "hi"}], params={"strategy": "none"}, deadline=time.time() - 1)
+    client.xadd(keys.jobs, {"job": late.dumps()})
+    worker.run(install_signals=False, max_loops=2)
+    assert events(client, settings, late)[-1]["status"] == 504
+    assert client.xlen(keys.jobs) == 0
+
+
+def start_worker(settings, worker_id, **env):
+    environ = os.environ | {
+        "SAFFRON_REDIS_URL": settings.redis_url,
+        "SAFFRON_REDIS_PREFIX": settings.redis_prefix,
+        "SAFFRON_WORKER_METRICS_PORT": "0",
+        "SAFFRON_WORKER_MAX_ACTIVE": "1",
+    } | env
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--id", worker_id], cwd=ROOT, env=environ)
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_worker_processes_share_one_queue(settings, client):
+    keys = Keys(settings.redis_prefix)
+    procs = [start_worker(settings, "A"), start_worker(settings, "B")]
+    try:
+        wait_for(lambda: len(client.keys(keys.worker_pattern)) == 2, what="two heartbeats")
+        jobs = [enqueue(client, settings, max_new_tokens=24, min_new_tokens=24) for _ in range(4)]
+        wait_for(lambda: all(events(client, settings, j) for j in jobs), what="four answers")
+        answered_by = {events(client, settings, j)[-1]["worker"] for j in jobs}
+        assert answered_by == {"A", "B"}  # one job at a time each: both had to work
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(timeout=60) == 0
+
+
+def test_job_of_a_killed_worker_is_claimed_and_answered(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    proc = start_worker(settings, "doomed")
+    try:
+        wait_for(lambda: client.exists(keys.worker("doomed")), what="heartbeat")
+        job = enqueue(client, settings, max_new_tokens=400, min_new_tokens=400)
+        wait_for(lambda: client.xpending(keys.jobs, GROUP)["pending"] == 1, what="the job to be taken")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert events(client, settings, job) == []
+    survivor = Worker(Settings(**(settings.model_dump() | {"worker_claim_idle_s": 1.0})), guard, client, "survivor")
+    time.sleep(1.2)
+    # The claimed job is long; shorten nothing — just run until answered.
+    serve_until(survivor, client, settings, [job], limit_loops=2000)
+    final = events(client, settings, job)[-1]
+    assert final["type"] == "final" and final["worker"] == "survivor"
+
+
+def test_sigterm_hands_unfinished_jobs_back(settings, client):
+    keys = Keys(settings.redis_prefix)
+    proc = start_worker(settings, "leaving", SAFFRON_WORKER_SHUTDOWN_GRACE_S="0")
+    try:
+        wait_for(lambda: client.exists(keys.worker("leaving")), what="heartbeat")
+        job = enqueue(client, settings, max_new_tokens=400, min_new_tokens=400)
+        wait_for(lambda: client.xpending(keys.jobs, GROUP)["pending"] == 1, what="the job to be taken")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert client.xpending(keys.jobs, GROUP)["pending"] == 0
+    entries = client.xrange(keys.jobs)
+    assert [Job.loads(f["job"]).id for _, f in entries] == [job.id]  # back in the queue, same id
+    assert not client.exists(keys.worker("leaving"))
