@@ -1,4 +1,4 @@
-# Thin wrappers around scripts/; `make run ARGS='serve --port 8000'` passes arguments to the CLI.
+# Thin wrappers around scripts/; `make run` serves on :8000, `make run ARGS='serve --port 9000 --workers 2'` passes arguments to the CLI.
 .PHONY: setup run test lint
 
 ARGS ?=
