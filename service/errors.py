@@ -13,6 +13,7 @@ class SaffronError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    headers: dict[str, str] = {}  # extra HTTP response headers (e.g. Retry-After); never mutated
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -49,3 +50,57 @@ class ModelNotPreparedError(SaffronError):
 
     status_code = 503
     error_type = "server_error"
+
+
+class ValidationFailedError(InvalidRequestError):
+    """The body is well-formed JSON but does not match the request schema."""
+
+    status_code = 422
+
+
+class AuthenticationError(SaffronError):
+    """Missing or unknown API key."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+class OverloadedError(SaffronError):
+    """Admission control: too many queued + running jobs; the client should retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None, code: str | None = "overloaded"):
+        super().__init__(message, param=param, code=code)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class ServiceUnavailableError(SaffronError):
+    """No live worker, or the queue (Redis) is unreachable."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
+class GatewayTimeoutError(SaffronError):
+    """The job's deadline passed before its answer arrived."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
+class ClientDisconnectedError(SaffronError):
+    """The client went away before its answer (status 499, nginx's convention; only metrics see it)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+
+
+class WorkerError(SaffronError):
+    """An error a worker reported in its result stream, with the status it chose."""
+
+    def __init__(self, status: int, message: str, *, error_type: str = "server_error", param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status_code = status
+        self.error_type = error_type

@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI-compatible routes in front of the Redis job queue (no model here)."""

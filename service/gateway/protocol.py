@@ -1,0 +1,312 @@
+"""Every wire model of the OpenAI-compatible API, on one base model.
+
+Unknown request fields are ignored and logged, like vLLM's default, so clients that send
+newer OpenAI fields keep working. Conversion to engine parameters is a method on the request
+(``ChatCompletionRequest.to_search_params``), as vLLM does with ``to_sampling_params``.
+
+Extensions to OpenAI's chat schema:
+- ``continue_final_message``: the last message must be an assistant message, and the answer
+  continues its text (the prefilling attack). A trailing assistant message without the flag
+  is refused (400): the worker always continues a trailing assistant message, so accepting it
+  silently would turn an ordinary chat history into a prefill.
+- ``safety``: {strategy, budget, top_p, min_new_tokens}; omitted fields take server defaults.
+  ``safety.top_p`` is the search pruning mass p (DESIGN.md §2). The request's own ``top_p``
+  (OpenAI's sampling nucleus) is accepted and ignored: no strategy samples from a nucleus.
+- the response carries ``safety``: the worker's report on the search that chose the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from service.config import Settings
+from service.errors import InvalidRequestError, ValidationFailedError
+from service.search.params import SearchParams
+
+logger = logging.getLogger(__name__)
+
+# SearchParams field -> where the client set it, so a 400 names the request's own field.
+_PARAM_PATHS = {
+    "strategy": "safety.strategy",
+    "budget": "safety.budget",
+    "top_p": "safety.top_p",
+    "min_new_tokens": "safety.min_new_tokens",
+    "max_new_tokens": "max_tokens",
+}
+
+
+class OpenAIBaseModel(BaseModel):
+    """Decides once, for every wire model, what happens to unknown fields: ignored, and logged."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any, handler: Any) -> Any:
+        result = handler(data)
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                logger.warning("%s: ignoring unknown fields %s", cls.__name__, unknown)
+        return result
+
+
+# --- request -------------------------------------------------------------------------------
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]  # only text parts: the policy reads text
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    # A plain string is accepted and stored as one text part, so errors point at clean paths.
+    content: list[TextPart]
+    name: str | None = None  # accepted for compatibility; not shown to the model
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_to_part(cls, v: Any) -> Any:
+        return [{"type": "text", "text": v}] if isinstance(v, str) else v
+
+    def text(self) -> str:
+        """The message text; several parts are joined with newlines (as vLLM does)."""
+        return "\n".join(p.text for p in self.content)
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False  # one extra chunk with usage (and no choices) before [DONE]
+
+
+class SafetyOptions(OpenAIBaseModel):
+    """Search parameters; None takes the server default (Settings)."""
+
+    strategy: str | None = None  # none | best_of_n | beam_prm | saffron
+    budget: int | None = None  # N: frontier width / samples / beam width
+    top_p: float | None = None  # nucleus pruning mass p of the search
+    min_new_tokens: int | None = None  # EOS forbidden before this many tokens
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
+    max_completion_tokens: int | None = None  # wins over max_tokens when both are set
+    temperature: float | None = None  # sampling strategies; None: greedy for none, 1.0 for best_of_n
+    top_p: float | None = None  # OpenAI's sampling nucleus: accepted, ignored (see safety.top_p)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1  # only 1 (400 otherwise)
+    stop: str | list[str] | None = None  # not supported (400 when non-empty)
+    user: str | None = None  # accepted, logged nowhere
+    continue_final_message: bool = False
+    safety: SafetyOptions | None = None
+
+    @classmethod
+    def from_json(cls, body: bytes) -> ChatCompletionRequest:
+        """Parse a request body: 400 for malformed JSON, 422 (ValidationFailedError) for a schema mismatch."""
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise InvalidRequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e.errors(include_url=False)) from None
+
+    def to_search_params(self, settings: Settings) -> SearchParams:
+        """Search parameters: server defaults from ``settings``, then this request's values, validated.
+
+        Raises:
+            InvalidRequestError: an unsupported option (n > 1, stop, stream_options without
+                stream) or a value outside the documented limits; ``param`` names the request field.
+        """
+        if self.n != 1:
+            raise InvalidRequestError(f"n must be 1 (one answer per request), got {self.n}", param="n", code="unsupported_value")
+        if self.stop:
+            raise InvalidRequestError(
+                "stop sequences are not supported: the search decides where the answer ends (EOS or max_tokens)",
+                param="stop",
+                code="unsupported_parameter",
+            )
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
+        s = self.safety or SafetyOptions()
+        max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        params = SearchParams(
+            strategy=_default(s.strategy, settings.strategy),
+            budget=_default(s.budget, settings.budget),
+            top_p=_default(s.top_p, settings.top_p),
+            min_new_tokens=_default(s.min_new_tokens, settings.min_new_tokens),
+            max_new_tokens=_default(max_new, settings.max_new_tokens),
+            temperature=self.temperature,
+            seed=_default(self.seed, 0),
+        )
+        try:
+            return params.validate(max_budget=settings.max_budget, max_new_tokens_limit=settings.max_new_tokens_limit)
+        except InvalidRequestError as e:
+            if e.param == "max_new_tokens" and self.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+            else:
+                e.param = _PARAM_PATHS.get(e.param or "", e.param)
+            raise
+
+    def job_messages(self) -> list[dict]:
+        """Messages for the worker: plain-string content, ``developer`` as ``system``.
+
+        A trailing assistant message is the prefill the worker continues, so it is only
+        accepted with ``continue_final_message`` (and that flag needs one).
+        """
+        last = self.messages[-1].role
+        if self.continue_final_message and last != "assistant":
+            raise InvalidRequestError(
+                f"continue_final_message needs the last message to be an assistant message, got {last!r}",
+                param="continue_final_message",
+            )
+        if not self.continue_final_message and last == "assistant":
+            raise InvalidRequestError(
+                "the last message is an assistant message: set continue_final_message: true to continue it",
+                param="messages",
+            )
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def validation_error(errors: list[dict]) -> ValidationFailedError:
+    """The first schema error as a 422 whose ``param`` is the failing field path (``messages.0.content``)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] == "body":  # FastAPI prefixes body fields with their location
+        loc = loc[1:]
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    message = f"{param}: {first['msg']}{more}" if param else f"{first['msg']}{more}"
+    return ValidationFailedError(message, param=param, code="invalid_value")
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+class Usage(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class SafetyReport(OpenAIBaseModel):
+    """What the search did; copied from the worker's final event."""
+
+    strategy: str
+    reward: float | None = None  # the chosen answer's reward; None for strategy "none" or nothing finished
+    refused: bool = False
+    refusal_source: Literal["policy", "guard"] | None = None  # guard: blocked (content_filter)
+    reward_calls: int = 0
+    policy_forward_tokens: int = 0
+    trie_reused_tokens: int = 0
+    reward_forward_tokens: int | None = None
+    distinct_trie_nodes: int | None = None
+    flops_estimate: float | None = None
+    reward_models: dict | None = None  # names and training status (warns about untrained models)
+
+
+class AssistantMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(OpenAIBaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str  # stop | length | content_filter
+    logprobs: None = None
+
+
+class ChatCompletion(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    safety: SafetyReport
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(OpenAIBaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(OpenAIBaseModel):
+    """One SSE frame, serialised by ``sse_data`` without null fields (OpenAI's ``delta: {}`` style)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # only on the include_usage chunk (whose choices are empty)
+    safety: SafetyReport | None = None  # only on the chunk that carries finish_reason
+
+    @field_serializer("safety")
+    def _full_safety(self, v: SafetyReport | None) -> dict | None:
+        return None if v is None else v.model_dump()  # nulls inside the report stay: same shape as non-streaming
+
+    def sse_data(self) -> str:
+        return sse_data(self.model_dump(exclude_none=True))
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "saffron-guard"
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+def sse_data(payload: dict | str) -> str:
+    """One server-sent event: ``data: <json>`` (or a literal such as ``[DONE]``) and a blank line."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {text}\n\n"

@@ -1,0 +1,372 @@
+"""The gateway's logic below the HTTP layer: admit a chat request, enqueue its job, relay its result.
+
+A request goes through, in order: authentication (401), body size (413), JSON (400), schema
+(422), model name (404), search parameters (400), a live worker (503), admission control (429),
+then ``XADD {p}:jobs``. Its answer is read from ``{p}:result:{job_id}`` with XREAD BLOCK until
+the worker's ``final`` or ``error`` event, or the job's deadline (504). A timed-out request, or
+a client that went away, sets ``{p}:cancel:{job_id}`` so the worker stops the search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.config import Settings
+from service.errors import (
+    AuthenticationError,
+    ClientDisconnectedError,
+    GatewayTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    RequestTooLargeError,
+    SaffronError,
+    ServiceUnavailableError,
+    WorkerError,
+)
+from service.gateway.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    SafetyReport,
+    Usage,
+    sse_data,
+)
+from service.metrics import QUEUE_DEPTH, REQUEST_LATENCY, REQUESTS, TIME_TO_FIRST_TOKEN
+from service.queue.jobs import Job, loads_event
+from service.queue.keys import RESULT_TTL_S, Keys
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # Retry-After of a 429: a queue slot frees up when any job ends
+POLL_S = 1.0  # XREAD BLOCK slice; below redis-py's 5 s socket timeout, and how often a waiting client is checked
+ALIVE_CACHE_S = 1.0  # a seen heartbeat is trusted this long (a heartbeat key lives HEARTBEAT_TTL_S)
+CANCEL_WRITE_TIMEOUT_S = 2.0  # the cancel flag is written even while the request is being cancelled, but not forever
+
+
+@dataclass
+class Call:
+    """One admitted request and its queued job."""
+
+    request: ChatCompletionRequest
+    job: Job
+    strategy: str  # metric label
+    started: float  # time.monotonic() when the request arrived
+    first_token_seen: bool = False
+
+
+class GatewayService:
+    """Owns nothing: the Redis client belongs to the app's lifespan."""
+
+    def __init__(self, settings: Settings, redis: Redis):
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.redis_prefix)
+        self._api_keys = [k.encode() for k in settings.api_key_set]
+        # The served name is what /v1/models lists; the policy's own name is accepted as an alias.
+        self._model_names = {settings.served_model_name, settings.policy_model}
+        self._alive_until = 0.0
+
+    # --- admission -----------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> None:
+        """Raise AuthenticationError unless no keys are configured or the bearer token is one of them."""
+        if not self._api_keys:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        given = token.strip().encode()
+        # compare_digest on every key: the time taken does not tell which prefix matched.
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k) for k in self._api_keys]):
+            raise AuthenticationError(
+                "invalid or missing API key; send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    async def accept(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Call:
+        """Admit a chat request and enqueue its job.
+
+        Args:
+            headers: the HTTP request headers (Authorization, Content-Length).
+            body: the request body as it arrives; reading stops past ``max_body_bytes``.
+
+        Raises:
+            SaffronError: a typed error carrying the status and OpenAI body to answer with.
+        """
+        started, strategy = time.monotonic(), "unknown"
+        try:
+            self.authenticate(headers.get("authorization"))
+            request = ChatCompletionRequest.from_json(await self._read_body(headers, body))
+            self._check_model(request.model)
+            params = request.to_search_params(self.settings)
+            strategy = params.strategy
+            messages = request.job_messages()
+            job = Job(
+                messages=messages,
+                params=params.to_dict(),
+                stream=request.stream,
+                deadline=time.time() + self.settings.request_timeout_s,
+                model=request.model,
+            )
+            with self._redis_errors():
+                await self._admit()
+                await self.redis.xadd(self.keys.jobs, {"job": job.dumps()})
+        except SaffronError as e:
+            REQUESTS.labels(strategy, str(e.status_code)).inc()
+            raise
+        logger.info("job %s queued: strategy=%s stream=%s", job.id, strategy, request.stream)
+        return Call(request, job, strategy, started)
+
+    async def _read_body(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise InvalidRequestError(f"invalid Content-Length header {declared!r}") from None
+            if size > limit:
+                raise RequestTooLargeError(f"the request body is {size} bytes; the limit is {limit}", code="body_too_large")
+        data = bytearray()
+        async for chunk in body:  # Content-Length can be absent (chunked) or wrong: count what arrives
+            data += chunk
+            if len(data) > limit:
+                raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+        return bytes(data)
+
+    def _check_model(self, model: str) -> None:
+        if model not in self._model_names:
+            raise ModelNotFoundError(
+                f"the model {model!r} does not exist; this server serves {self.settings.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _admit(self) -> None:
+        if not await self.worker_alive():
+            raise ServiceUnavailableError(
+                "no live worker: start one with `saffron-guard worker` (or `saffron-guard serve`)", code="no_worker"
+            )
+        # Not atomic with the XADD that follows: concurrent requests can overshoot max_queue by a few.
+        depth = await self.redis.xlen(self.keys.jobs)
+        if depth >= self.settings.max_queue:
+            raise OverloadedError(
+                f"overloaded: {depth} jobs are queued or running (limit {self.settings.max_queue}); retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+
+    async def worker_alive(self) -> bool:
+        """True if some worker's heartbeat key exists (positive answers are cached ALIVE_CACHE_S)."""
+        if time.monotonic() < self._alive_until:
+            return True
+        async with aclosing(self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)) as keys:
+            async for _ in keys:
+                self._alive_until = time.monotonic() + ALIVE_CACHE_S
+                return True
+        return False
+
+    # --- answers -------------------------------------------------------------------------
+
+    async def complete(self, call: Call, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
+        """Wait for the job's final event and build the chat completion."""
+        try:
+            async for event in self._events(call, is_disconnected):
+                if event.get("type") == "final":
+                    self._first_token(call)
+                    response = self._completion(call, event)
+        except SaffronError as e:
+            self._answered(call, e.status_code)
+            raise
+        except Exception:
+            self._answered(call, 500)
+            raise
+        except asyncio.CancelledError:
+            self._answered(call, ClientDisconnectedError.status_code)
+            await self.cancel(call.job.id)
+            raise
+        self._answered(call, 200)
+        return response
+
+    async def stream(self, call: Call) -> AsyncIterator[str]:
+        """SSE frames: the role, committed deltas, the rest with finish_reason, usage if asked, [DONE].
+
+        An error after the stream started is an error frame followed by ``[DONE]``.
+        """
+        status, sent = 200, ""
+        try:
+            yield self._chunk(call, DeltaMessage(role="assistant", content="")).sse_data()
+            async for event in self._events(call):
+                text = event.get("text") or ""
+                if event.get("type") == "delta":
+                    if text:
+                        self._first_token(call)
+                        sent += text
+                        yield self._chunk(call, DeltaMessage(content=text)).sse_data()
+                    continue
+                # Final: deltas were committed text, so the full answer must extend them.
+                if text.startswith(sent):
+                    rest = text[len(sent) :]
+                else:
+                    logger.warning("job %s: final text does not extend the %d streamed characters", call.job.id, len(sent))
+                    rest = ""
+                if rest:
+                    self._first_token(call)
+                    yield self._chunk(call, DeltaMessage(content=rest)).sse_data()
+                finish = self._chunk(call, DeltaMessage(), event.get("finish_reason") or "stop")
+                finish.safety = self._safety(call, event)
+                yield finish.sse_data()
+                opts = call.request.stream_options
+                if opts is not None and opts.include_usage:
+                    usage = ChatCompletionChunk(id=call.job.id, created=int(call.job.created), model=call.job.model, choices=[])
+                    usage.usage = self._usage(event)
+                    yield usage.sse_data()
+        except SaffronError as e:
+            status = e.status_code
+            yield sse_data(e.to_dict())
+        except Exception:  # headers are sent: the client can only learn of it in-band
+            logger.exception("job %s: stream failed", call.job.id)
+            status = 500
+            yield sse_data(SaffronError("internal server error", code="internal_error").to_dict())
+        except (asyncio.CancelledError, GeneratorExit):
+            status = ClientDisconnectedError.status_code
+            await self.cancel(call.job.id)
+            raise
+        finally:
+            self._answered(call, status)
+        yield sse_data("[DONE]")
+
+    async def _events(
+        self, call: Call, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[dict]:
+        """The job's result events, ending with its final one.
+
+        Raises:
+            WorkerError: the worker sent an error event (its status and OpenAI error object).
+            GatewayTimeoutError: the job's deadline passed; the cancel flag is set.
+            ClientDisconnectedError: ``is_disconnected`` said the client left; the cancel flag is set.
+        """
+        job, key, last = call.job, self.keys.result(call.job.id), "0-0"
+        while True:
+            remaining = job.deadline - time.time()
+            if remaining <= 0:
+                await self.cancel(job.id)
+                raise GatewayTimeoutError(
+                    f"no answer within the request timeout of {self.settings.request_timeout_s:g} s", code="timeout"
+                )
+            if is_disconnected is not None and await is_disconnected():
+                await self.cancel(job.id)
+                raise ClientDisconnectedError("the client disconnected")
+            with self._redis_errors():
+                reply = await self.redis.xread({key: last}, block=max(1, int(min(remaining, POLL_S) * 1000)), count=64)
+            streams = reply.items() if isinstance(reply, dict) else (reply or [])
+            for _stream, entries in streams:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = loads_event(fields)
+                    if event.get("type") == "error":
+                        err = event.get("error") or {}
+                        raise WorkerError(
+                            int(event.get("status") or 500),
+                            err.get("message") or "the worker failed",
+                            error_type=err.get("type") or "server_error",
+                            param=err.get("param"),
+                            code=err.get("code"),
+                        )
+                    yield event
+                    if event.get("type") == "final":
+                        return
+
+    async def cancel(self, job_id: str) -> None:
+        """Set the job's cancel flag; shielded, so a request being cancelled still writes it."""
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + CANCEL_WRITE_TIMEOUT_S
+            try:
+                await self.redis.set(self.keys.cancel(job_id), "1", ex=RESULT_TTL_S)
+            except RedisError:
+                logger.exception("job %s: could not set the cancel flag", job_id)
+
+    # --- building responses --------------------------------------------------------------
+
+    def _completion(self, call: Call, final: dict) -> ChatCompletion:
+        return ChatCompletion(
+            id=call.job.id,
+            created=int(call.job.created),
+            model=call.job.model,
+            choices=[
+                Choice(message=AssistantMessage(content=final.get("text") or ""), finish_reason=final.get("finish_reason") or "stop")
+            ],
+            usage=self._usage(final),
+            safety=self._safety(call, final),
+        )
+
+    def _chunk(self, call: Call, delta: DeltaMessage, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=call.job.id,
+            created=int(call.job.created),
+            model=call.job.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+        )
+
+    @staticmethod
+    def _usage(final: dict) -> Usage:
+        prompt, completion = int(final.get("prompt_tokens") or 0), int(final.get("completion_tokens") or 0)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @staticmethod
+    def _safety(call: Call, final: dict) -> SafetyReport:
+        return SafetyReport.model_validate({"strategy": call.strategy, **(final.get("safety") or {})})
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.settings.served_model_name)])
+
+    # --- health and metrics --------------------------------------------------------------
+
+    async def not_ready_reason(self) -> str | None:
+        """None when Redis answers PING and a worker heartbeat exists; else why not."""
+        try:
+            await self.redis.ping()
+            if not await self.worker_alive():
+                return f"no live worker (no {self.keys.worker_pattern} heartbeat key)"
+        except RedisError as e:
+            return f"redis unreachable: {e}"
+        return None
+
+    async def sample_queue_depth(self) -> None:
+        try:
+            QUEUE_DEPTH.set(await self.redis.xlen(self.keys.jobs))
+        except RedisError as e:
+            logger.warning("queue depth not sampled: %s", e)
+
+    def _first_token(self, call: Call) -> None:
+        if not call.first_token_seen:
+            call.first_token_seen = True
+            TIME_TO_FIRST_TOKEN.labels(call.strategy).observe(time.monotonic() - call.started)
+
+    def _answered(self, call: Call, status: int) -> None:
+        elapsed = time.monotonic() - call.started
+        REQUESTS.labels(call.strategy, str(status)).inc()
+        REQUEST_LATENCY.labels(call.strategy).observe(elapsed)
+        logger.info("job %s answered: status=%d strategy=%s in %.3f s", call.job.id, status, call.strategy, elapsed)
+
+    @staticmethod
+    @contextmanager
+    def _redis_errors() -> Iterator[None]:
+        """Redis failures become 503s: the queue, not the request, is at fault."""
+        try:
+            yield
+        except RedisError as e:
+            raise ServiceUnavailableError(f"the job queue is unreachable: {e}", code="queue_unavailable") from e
