@@ -174,7 +174,7 @@ def _check_alive(children: list[Child], redis_server: LocalRedis | None) -> None
     for child in children:
         code = child.returncode
         if code is not None:
-            raise ChildDied(f"{child.name} (pid {child.proc.pid}) exited with code {code}")
+            raise ChildDied(f"{child.name} (pid {child.proc.pid}) {_exit_status(code)}")
     if redis_server is not None and redis_server.returncode is not None:
         raise ChildDied(f"the local redis server exited with code {redis_server.returncode}:\n{redis_server.log_tail()}")
 
@@ -182,38 +182,49 @@ def _check_alive(children: list[Child], redis_server: LocalRedis | None) -> None
 def _wait_ready(
     base: str, settings: Settings, worker_ids: list[str], children: list[Child], redis_server: LocalRedis | None, signals: _Signals
 ) -> bool:
-    """Poll until GET /ready is 200 and every worker heartbeats (True), or a signal (False).
+    """Poll until every worker heartbeats and GET /ready is 200 (True), or a signal (False).
 
-    /ready needs only one live worker; waiting for each worker's heartbeat key as well means
-    every worker has loaded its models before we say "ready". ChildDied if a child exits meanwhile.
+    /ready needs only one live worker; the heartbeat key of each worker (written once its models
+    are loaded) is checked as well, and first, straight in Redis, so that the gateway's access
+    log is not flooded with 503s while the models load. ChildDied if a child exits meanwhile.
     """
     keys = Keys(settings.redis_prefix)
     t0 = time.monotonic()
     next_progress = t0 + PROGRESS_EVERY_S
-    state = "gateway not listening yet"
+    state = ""
     with httpx.Client(timeout=2.0) as client, redis.Redis.from_url(settings.redis_url, socket_timeout=2.0) as r:
         while signals.count == 0:
             _check_alive(children, redis_server)
             try:
-                resp = client.get(f"{base}/ready")
-                if resp.status_code != 200:
-                    state = f"/ready answered {resp.status_code}: {_error_message(resp)}"
+                missing = [w for w in worker_ids if not r.exists(keys.worker(w))]
+                if missing:
+                    state = "no heartbeat yet from worker " + ", ".join(missing) + " (loading models)"
                 else:
-                    missing = [w for w in worker_ids if not r.exists(keys.worker(w))]
-                    if not missing:
+                    resp = client.get(f"{base}/ready")
+                    if resp.status_code == 200:
                         logger.info("ready after %.1fs", time.monotonic() - t0)
                         return True
-                    state = "no heartbeat yet from worker " + ", ".join(missing)
-            except httpx.HTTPError:
-                pass  # the gateway is not listening yet
+                    state = f"/ready answered {resp.status_code}: {_error_message(resp)}"
+            except httpx.HTTPError as e:
+                state = f"gateway not answering yet ({type(e).__name__})"
             except redis.RedisError as e:
                 state = f"redis: {e}"
             now = time.monotonic()
             if now >= next_progress:
-                logger.info("waiting for the gateway and %d worker(s) to load (%.0fs): %s", len(worker_ids), now - t0, state)
+                logger.info("waiting for the gateway and %d worker(s) (%.0fs): %s", len(worker_ids), now - t0, state)
                 next_progress = now + PROGRESS_EVERY_S
             time.sleep(POLL_S)
     return False
+
+
+def _exit_status(code: int) -> str:
+    """"exited with code 3", or "exited on SIGTERM" (uvicorn re-raises the signal it stopped on)."""
+    if code < 0:
+        try:
+            return f"exited on {signal.Signals(-code).name}"
+        except ValueError:
+            return f"exited on signal {-code}"
+    return f"exited with code {code}"
 
 
 def _error_message(r: httpx.Response) -> str:
@@ -252,4 +263,4 @@ def _stop_children(children: list[Child], timeout_s: float, signals: _Signals) -
     for child in children:
         if child.proc is not None:
             child.proc.wait()
-            logger.info("%s exited with code %s", child.name, child.proc.returncode)
+            logger.info("%s %s", child.name, _exit_status(child.proc.returncode))

@@ -4,7 +4,8 @@ Run as ``python serve_stand_in.py gateway --host H --port P`` or ``... worker --
 the same environment the real children get (SAFFRON_REDIS_URL, SAFFRON_REDIS_PREFIX,
 SAFFRON_WORKER_METRICS_PORT) and appends one line per event to ``$STAND_IN_LOG``. Knobs:
 ``STAND_IN_DIE=<worker id>`` makes that worker exit 3 soon after its first heartbeat;
-``STAND_IN_IGNORE_TERM=1`` makes every child ignore SIGTERM (so `serve` must SIGKILL it).
+``STAND_IN_IGNORE_TERM=1`` makes every child ignore SIGTERM (so `serve` must SIGKILL it);
+``STAND_IN_LOAD_S`` is how long a worker "loads its models" before its first heartbeat.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def gateway(host: str, port: int) -> int:
 
 
 def worker(worker_id: str) -> int:
-    time.sleep(0.5)  # "loading models"
+    time.sleep(float(os.environ.get("STAND_IN_LOAD_S", "0.5")))  # "loading models"
     status = {"id": worker_id, "metrics_port": os.environ.get("SAFFRON_WORKER_METRICS_PORT")}
     log(f"{NAME} metrics_port={status['metrics_port']} redis={os.environ['SAFFRON_REDIS_URL']}")
     beats = 0

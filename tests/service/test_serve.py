@@ -137,11 +137,12 @@ def test_stand_in_ready_line_ctrl_c_and_orderly_stop(tmp_path):
     assert "curl http://127.0.0.1:" in out and "/v1/chat/completions" in out, out
 
 
-def test_stand_in_sigterm_is_a_clean_stop(tmp_path):
+def test_stand_in_progress_while_loading_then_sigterm_is_a_clean_stop(tmp_path):
     port = free_port()
-    serve = Serve(["--port", str(port)], serve_env(tmp_path), stand_in=True)
+    serve = Serve(["--port", str(port)], serve_env(tmp_path, STAND_IN_LOAD_S="6"), stand_in=True)
     try:
         serve.wait_ready(60)
+        assert "waiting for the gateway and 1 worker(s) (5s): no heartbeat yet from worker local-0" in serve.log(), serve.log()
         assert serve.stop(signal.SIGTERM) == 0, serve.log()
         assert serve.leftovers() == []
     finally:
