@@ -161,7 +161,8 @@ def test_job_of_a_killed_worker_is_claimed_and_answered(guard, settings, client)
     proc = start_worker(settings, "doomed")
     try:
         wait_for(lambda: client.exists(keys.worker("doomed")), what="heartbeat")
-        job = enqueue(client, settings, max_new_tokens=400, min_new_tokens=400)
+        # ~100 forced tokens take seconds; the kill follows the claim within one 0.2 s poll.
+        job = enqueue(client, settings, max_new_tokens=100, min_new_tokens=100)
         wait_for(lambda: client.xpending(keys.jobs, GROUP)["pending"] == 1, what="the job to be taken")
     finally:
         proc.kill()
@@ -169,7 +170,6 @@ def test_job_of_a_killed_worker_is_claimed_and_answered(guard, settings, client)
     assert events(client, settings, job) == []
     survivor = Worker(Settings(**(settings.model_dump() | {"worker_claim_idle_s": 1.0})), guard, client, "survivor")
     time.sleep(1.2)
-    # The claimed job is long; shorten nothing — just run until answered.
     serve_until(survivor, client, settings, [job], limit_loops=2000)
     final = events(client, settings, job)[-1]
     assert final["type"] == "final" and final["worker"] == "survivor"
@@ -190,3 +190,14 @@ def test_sigterm_hands_unfinished_jobs_back(settings, client):
     entries = client.xrange(keys.jobs)
     assert [Job.loads(f["job"]).id for _, f in entries] == [job.id]  # back in the queue, same id
     assert not client.exists(keys.worker("leaving"))
+
+
+def test_fail_closed_replaces_low_reward_answers(guard, settings, client):
+    closed = Settings(**(settings.model_dump() | {"fail_closed_threshold": 2.0}))  # judge scores are 0 or 1
+    job = enqueue(client, settings, "Write a haiku about rain", stream=True, strategy="best_of_n", budget=2)
+    serve_until(Worker(closed, guard, client, "w-test"), client, settings, [job])
+    evs = events(client, settings, job)
+    assert [e["type"] for e in evs] == ["final"]  # nothing streamed that could later be withdrawn
+    final = evs[0]
+    assert final["finish_reason"] == "content_filter" and final["text"] == closed.refusal_message
+    assert final["safety"]["refused"] and final["safety"]["refusal_source"] == "guard"
