@@ -11,13 +11,12 @@ import torch
 from service.search.calls import (
     Beam,
     Call,
-    Decision,
     SearchContext,
     Strategy,
-    best_index,
     forbid_eos,
+    next_frontier,
     nucleus_mask,
-    stable_sort_by_reward,
+    pick_best,
 )
 
 
@@ -41,8 +40,5 @@ def beam_prm(ctx: SearchContext) -> Strategy:
         (scores,) = yield [Call("prm", [c.ids for c in children])]
         for child, score in zip(children, scores.tolist()):
             child.reward = score
-        carried = [b for b in frontier if b.finished]
-        frontier = stable_sort_by_reward(carried + children)[: p.budget]
-        ctx.frontier = [b.ids for b in frontier]
-    best = frontier[best_index([b.reward for b in frontier])]
-    return Decision(best.ids, best.reward, best.finished, candidates=len(frontier))
+        frontier = next_frontier(ctx, frontier, children)
+    return pick_best(frontier)

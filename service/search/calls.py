@@ -123,5 +123,15 @@ def best_index(rewards: list[float]) -> int:
     return best
 
 
-def stable_sort_by_reward(beams: list[Beam]) -> list[Beam]:
-    return sorted(beams, key=lambda b: -b.reward)  # sorted() is stable; -(-inf) sorts last
+def next_frontier(ctx: SearchContext, frontier: list[Beam], children: list[Beam]) -> list[Beam]:
+    """Finished nodes carried over + children, stably sorted by reward (highest first), cut to N."""
+    carried = [b for b in frontier if b.finished]
+    frontier = sorted(carried + children, key=lambda b: -b.reward)[: ctx.params.budget]  # stable; -inf last
+    ctx.frontier = [b.ids for b in frontier]
+    return frontier
+
+
+def pick_best(frontier: list[Beam]) -> Decision:
+    """The frontier node with the highest reward, the first one on ties."""
+    best = frontier[best_index([b.reward for b in frontier])]
+    return Decision(best.ids, best.reward, best.finished, candidates=len(frontier))

@@ -13,13 +13,12 @@ import torch
 from service.search.calls import (
     Beam,
     Call,
-    Decision,
     SearchContext,
     Strategy,
-    best_index,
     forbid_eos,
+    next_frontier,
     nucleus_mask,
-    stable_sort_by_reward,
+    pick_best,
 )
 
 
@@ -45,8 +44,5 @@ def saffron(ctx: SearchContext) -> Strategy:
             done = tok in ctx.eos_ids
             reward = float(scores[i, tok]) if done else parent.reward  # -inf until finished
             children.append(Beam(parent.ids + [tok], reward, done))
-        carried = [b for b in frontier if b.finished]
-        frontier = stable_sort_by_reward(carried + children)[: p.budget]
-        ctx.frontier = [b.ids for b in frontier]
-    best = frontier[best_index([b.reward for b in frontier])]
-    return Decision(best.ids, best.reward, best.finished, candidates=len(frontier))
+        frontier = next_frontier(ctx, frontier, children)
+    return pick_best(frontier)
