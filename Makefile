@@ -7,10 +7,10 @@ setup:
 	scripts/setup.sh
 
 run:
-	scripts/run.sh $(ARGS)
+	@scripts/run.sh $(ARGS)
 
 test:
-	scripts/test.sh $(ARGS)
+	@scripts/test.sh $(ARGS)
 
 lint:
 	scripts/setup.sh --no-model
