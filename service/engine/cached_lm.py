@@ -200,14 +200,17 @@ class CachedLM:
                 for node, _, _ in plans:
                     self.cache.inc_lock_ref(node)
                     held.append(node)
-                kv_rows, logits = forward_batch(
-                    self.model,
-                    [[(seg.value, len(seg.key)) for seg in self.cache.path(node)] for node, _, _ in plans],
-                    [p for _, p, _ in plans],
-                    [suffix for _, _, suffix in plans],
-                )
-                stats.forward_calls += 1
-                for plan, kv, lg in zip(plans, kv_rows, logits):
+                outputs = []
+                for group in _length_groups(plans):
+                    kv_rows, logits = forward_batch(
+                        self.model,
+                        [[(seg.value, len(seg.key)) for seg in self.cache.path(node)] for node, _, _ in group],
+                        [p for _, p, _ in group],
+                        [suffix for _, _, suffix in group],
+                    )
+                    stats.forward_calls += 1
+                    outputs += zip(group, kv_rows, logits)
+                for plan, kv, lg in outputs:
                     node, p, suffix = plan
                     owner = groups[_key(plan)][0]
                     stats.forwarded_tokens += len(suffix)
@@ -259,6 +262,22 @@ class CachedLM:
         for node in nodes:
             self.cache.dec_lock_ref(node)
         self.cache.evict()
+
+
+def _length_groups(plans: list[tuple[TreeNode, int, list[int]]], max_waste: int = 2) -> list[list]:
+    """Split plans into forwards whose suffix lengths differ by at most ``max_waste``x.
+
+    Rows are right-padded to the longest suffix of their forward, so one long prefill in a
+    batch of one-token decode rows would multiply their cost; grouping by length bounds that.
+    """
+    ordered = sorted(plans, key=lambda plan: len(plan[2]))
+    groups: list[list] = []
+    for plan in ordered:
+        if groups and len(plan[2]) <= max_waste * max(1, len(groups[-1][0][2])):
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    return groups
 
 
 def _key(plan: tuple[TreeNode, int, list[int]]) -> tuple[int, int]:

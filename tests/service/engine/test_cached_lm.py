@@ -114,3 +114,13 @@ def test_pinned_nodes_survive_eviction(tiny_llama):
     lm.unpin(nodes)
     assert lm.cache.num_tokens == 0
     lm.cache.check_invariants()
+
+
+def test_long_prefill_is_not_batched_with_one_token_decode_rows(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    lm.last_logits([[1, 2, 3], [4, 5, 6]])
+    seqs = [[1, 2, 3, 7], [4, 5, 6, 8], list(range(10, 50))]  # two decode rows + a 40-token prompt
+    logits, _, stats = lm.last_logits(seqs)
+    assert stats.forward_calls == 2 and stats.forwarded_tokens == 42
+    for seq, row in zip(seqs, logits):
+        torch.testing.assert_close(row, full_forward_last_logits(tiny_llama, seq), atol=1e-4, rtol=0)
