@@ -38,6 +38,8 @@ class ModelSpec:
     base: str | None  # registry name of the policy whose backbone this reads; None if standalone
     trained: bool  # False: no safety training of its own (placeholder or zero-shot); never production
     description: str  # one or two sentences shown by `python -m model_store list` and in docs
+    dtype: str = "auto"  # "auto" follows SAFFRON_DTYPE (bf16 on CUDA, fp32 on CPU); or float32 / bfloat16 / float16
+    device: str = "auto"  # "auto" follows SAFFRON_DEVICE (CUDA when available); or cpu / cuda
 
     @property
     def weights_name(self) -> str:

@@ -35,11 +35,20 @@ def select_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_causal_lm(name: str, settings: Settings, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) for a registry name, a local directory or a hub id."""
+def load_causal_lm(name: str, settings: Settings):
+    """(model, tokenizer) for a registry name, a local directory or a hub id.
+
+    Device and dtype follow the settings, unless the model's registry spec names its own.
+    """
     where = resolve(name, settings)
     if where.path is not None and where.embedded:
         verify_model_dir(where.path)
+    spec = where.spec
+    if spec is not None:
+        settings = settings.model_copy(
+            update={k: v for k, v in (("device", spec.device), ("dtype", spec.dtype)) if v != "auto"}
+        )
+    device, dtype = select_device(settings)
     tokenizer = AutoTokenizer.from_pretrained(where.location)
     model = AutoModelForCausalLM.from_pretrained(where.location, dtype=dtype).to(device).eval()
     return model, tokenizer
@@ -92,7 +101,7 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
     device, dtype = select_device(settings)
     logger.info("loading models on %s (%s)", device, dtype)
-    policy_model, tokenizer = load_causal_lm(settings.policy_model, settings, device, dtype)
+    policy_model, tokenizer = load_causal_lm(settings.policy_model, settings)
     eos = {tokenizer.eos_token_id}
     gen_eos = getattr(policy_model.generation_config, "eos_token_id", None)
     eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -102,14 +111,14 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     if mrm_spec.spec is not None and not mrm_spec.spec.trained:
         mrm = placeholder_mrm(policy_model, tokenizer)
     else:
-        base, _ = load_causal_lm(settings.policy_model, settings, device, dtype)
+        base, _ = load_causal_lm(settings.policy_model, settings)
         mrm = load_mrm(base, tokenizer, mrm_spec.location, name=settings.mrm_model)
     # The untrained PRM is a prompt on the policy backbone: same weights, its own trie.
     prm_spec = resolve(settings.prm_model, settings)
     if prm_spec.spec is not None and not prm_spec.spec.trained:
         prm_model = policy_model
     else:
-        prm_model, _ = load_causal_lm(settings.prm_model, settings, device, dtype)
+        prm_model, _ = load_causal_lm(settings.prm_model, settings)
     prm_engine = _engine(prm_model, settings, use_cache, "prm")
     prm = GuardPRM.build(tokenizer, settings.prm_model, trained=bool(prm_spec.spec and prm_spec.spec.trained))
 
