@@ -161,12 +161,17 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
         if not rows:
             continue
         seqs = [seq for _, _, _, inputs in rows for seq in inputs]
-        logits, nodes, cs = rows[0][0].engine(kind).last_logits(seqs, pin=True)
+        engine = rows[0][0].engine(kind)
+        logits, nodes, cs = engine.last_logits(seqs, pin=True)
         start = 0
-        for run, i, call, inputs in rows:
-            stop = start + len(inputs)
-            results[id(run)][i] = run.accept(call, inputs, logits[start:stop], nodes[start:stop], cs.rows(inputs, start, stop))
-            start = stop
+        try:
+            for run, i, call, inputs in rows:
+                stop = start + len(inputs)
+                results[id(run)][i] = run.accept(call, inputs, logits[start:stop], nodes[start:stop], cs.rows(inputs, start, stop))
+                start = stop
+        except BaseException:
+            engine.unpin(nodes[start:])  # rows no run took ownership of
+            raise
     for run in runs:
         for i, call in enumerate(run.pending or []):
             if call.kind == "judge":
