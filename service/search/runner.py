@@ -84,9 +84,8 @@ class SearchRun:
 
     def accept(self, call: Call, seqs: list[list[int]], logits: torch.Tensor, nodes: list, cs: CallStats) -> torch.Tensor:
         """Take this run's rows of a (possibly merged) model call: pin them, count them, post-process."""
-        engine = self.engine(call.kind)
-        engine.unpin(self._pinned.get(call.kind, []))
-        self._pinned[call.kind] = nodes
+        previous, self._pinned[call.kind] = self._pinned.get(call.kind, []), nodes
+        self.engine(call.kind).unpin(previous)
         self._count(call.kind, seqs, cs)
         if call.kind == "policy":
             return logits
@@ -166,9 +165,8 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
         start = 0
         try:
             for run, i, call, inputs in rows:
-                stop = start + len(inputs)
-                results[id(run)][i] = run.accept(call, inputs, logits[start:stop], nodes[start:stop], cs.rows(inputs, start, stop))
-                start = stop
+                lo, start = start, start + len(inputs)  # from here the run owns its rows' pins (accept stores them first)
+                results[id(run)][i] = run.accept(call, inputs, logits[lo:start], nodes[lo:start], cs.rows(inputs, lo, start))
         except BaseException:
             engine.unpin(nodes[start:])  # rows no run took ownership of
             raise
