@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import SaffronError
-from service.search.params import STRATEGIES
+from service.search.params import STRATEGIES, params_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +60,19 @@ def _overrides(args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from service.guard import Guard  # heavy imports (torch, transformers) only when needed
 
     if (args.prompt is None) == (args.prompts_file is None):
-        raise SystemExit("saffron-guard generate: give exactly one of PROMPT or --prompts-file")
+        parser.error("generate: give exactly one of PROMPT or --prompts-file")
     prompts = [args.prompt]
     if args.prompts_file is not None:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise SystemExit(f"saffron-guard generate: {args.prompts_file} has no prompts")
+            parser.error(f"generate: {args.prompts_file} has no prompts")
     settings = Settings() if args.system_prompt is None else Settings(system_prompt=args.system_prompt)
+    params_from_settings(settings, **_overrides(args))  # refuse bad parameters before loading any model
     guard = Guard.from_settings(settings, use_cache=not args.no_trie_cache)
-    guard.params(**_overrides(args))  # validate before any work
     info = guard.models.reward_model_info()
     if "warning" in info and not args.json:
         print(f"WARNING: {info['warning']}", file=sys.stderr)
@@ -90,10 +90,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "generate":
-            return cmd_generate(args)
+            return cmd_generate(args, parser)
         if args.command == "serve":
             from service.serve import serve
 

@@ -9,7 +9,7 @@ from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
 from service.search.calls import SearchContext
-from service.search.params import SearchParams
+from service.search.params import SearchParams, params_from_settings
 from service.search.runner import RequestLayout, SearchRun
 
 
@@ -47,10 +47,7 @@ class Guard:
 
     def params(self, **overrides) -> SearchParams:
         """Search parameters: server defaults from settings, then non-None overrides."""
-        s = self.settings
-        base = dict(strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+        return params_from_settings(self.settings, **overrides)
 
     def prepare(self, messages: list[dict], params: SearchParams) -> SearchRun:
         """Validate a chat and lay it out for every model; a trailing assistant message is a prefill."""

@@ -49,6 +49,14 @@ class SearchParams:
         return asdict(self)
 
 
+def params_from_settings(settings, **overrides) -> SearchParams:
+    """Server defaults from ``settings`` (a service.config.Settings), then non-None overrides, validated."""
+    s = settings
+    base = dict(strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+
+
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidRequestError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name, code="out_of_range")

@@ -133,19 +133,31 @@ def test_unknown_strategy_is_rejected_by_argparse(capsys):
 
 
 @pytest.mark.parametrize("argv", [["generate", PROMPT, "--prompts-file", "PROMPTS"], ["generate"]], ids=["both", "neither"])
-def test_exactly_one_of_prompt_or_prompts_file(tmp_path: Path, argv: list[str]):
+def test_exactly_one_of_prompt_or_prompts_file(tmp_path: Path, argv: list[str], capsys):
     file = tmp_path / "prompts.txt"
     file.write_text(PROMPT + "\n")
     argv = [str(file) if a == "PROMPTS" else a for a in argv]
     with pytest.raises(SystemExit) as info:
         main(argv)
-    assert info.value.code not in (0, None)
-    assert "exactly one of PROMPT or --prompts-file" in str(info.value.code)
+    assert info.value.code == 2  # a usage error, like argparse's own
+    assert "exactly one of PROMPT or --prompts-file" in capsys.readouterr().err
 
 
-def test_empty_prompts_file_is_an_error(tmp_path: Path):
+def test_empty_prompts_file_is_an_error(tmp_path: Path, capsys):
     file = tmp_path / "prompts.txt"
     file.write_text("\n  \n")
     with pytest.raises(SystemExit) as info:
         main(["generate", "--prompts-file", str(file)])
-    assert "has no prompts" in str(info.value.code)
+    assert info.value.code == 2 and "has no prompts" in capsys.readouterr().err
+
+
+def test_bad_parameters_are_refused_before_any_model_loads(monkeypatch, capsys):
+    import service.guard
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded for a request that was bound to fail")
+
+    monkeypatch.setattr(service.guard.Guard, "from_settings", no_loading)
+    assert main(["generate", "--budget", "0", PROMPT]) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert err["error"]["param"] == "budget"
