@@ -34,6 +34,6 @@ TRIE_QUERY_TOKENS = Counter("saffron_trie_query_tokens_total", "Tokens asked of 
 TRIE_FORWARDED_TOKENS = Counter("saffron_trie_forwarded_tokens_total", "Tokens actually run through a model", ["model"])
 TRIE_REUSED_TOKENS = Counter("saffron_trie_reused_tokens_total", "Query tokens served from the trie cache (hits)", ["model"])
 TRIE_EVICTED_TOKENS = Counter("saffron_trie_evicted_tokens_total", "Tokens evicted from a trie cache", ["model"])
-BATCH_ROWS = Histogram("saffron_batch_rows", "Sequences per batched model call (across requests)", ["model"], buckets=TOKEN_BUCKETS)
+BATCH_ROWS = Histogram("saffron_batch_rows", "Sequences asked of a model per worker round (across requests)", ["model"], buckets=TOKEN_BUCKETS)
 WORKER_BUSY = Gauge("saffron_worker_busy", "Searches a worker is stepping right now")
 WORKER_JOBS = Counter("saffron_worker_jobs_total", "Jobs a worker finished, by outcome", ["outcome"])

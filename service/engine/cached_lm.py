@@ -137,9 +137,9 @@ def forward_batch(
     if not want_kv:
         return [], logits
     layers = out.cache.layers
-    keys = torch.stack([layer.keys for layer in layers])  # [L, B, H, P + S, D]
-    values = torch.stack([layer.values for layer in layers])
-    kv_rows = [torch.stack([keys[:, b, :, P : P + len(s)], values[:, b, :, P : P + len(s)]], 1).clone() for b, s in enumerate(suffixes)]
+    keys = torch.stack([layer.keys[:, :, P:] for layer in layers])  # [L, B, H, S, D]: the suffix only
+    values = torch.stack([layer.values[:, :, P:] for layer in layers])
+    kv_rows = [torch.stack([keys[:, b, :, : len(s)], values[:, b, :, : len(s)]], 1) for b, s in enumerate(suffixes)]
     return kv_rows, logits
 
 

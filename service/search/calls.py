@@ -91,7 +91,9 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = torch.softmax(logits.float(), dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    keep_sorted = before < top_p
+    # A forbidden token (probability exactly 0, e.g. EOS before min_new_tokens) never survives,
+    # even at top_p = 1 where float rounding leaves the mass before it just under 1.
+    keep_sorted = (before < top_p) & (sorted_probs > 0)
     keep_sorted[:, 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
@@ -110,8 +112,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     """Greedy (temperature 0) or multinomial sampling at ``temperature``; returns [B] token ids."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # Sampled on the CPU with the CPU generator: the same seed gives the same answer on any device.
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 def best_index(rewards: list[float]) -> int:

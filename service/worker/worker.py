@@ -60,6 +60,7 @@ class Worker:
         self.stopping = False
         self._last_heartbeat = 0.0
         self._last_claim = 0.0
+        self._claim_cursor = "0-0"
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,9 +112,27 @@ class Worker:
     def heartbeat(self) -> None:
         status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
         self.redis.set(self.keys.worker(self.id), json.dumps(status), ex=HEARTBEAT_TTL_S)
-        if self.active:  # reset the idle time of our own entries so no other worker claims them
-            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, [a.entry_id for a in self.active], justid=True)
+        self.refresh_own_entries()
         self._last_heartbeat = time.monotonic()
+
+    def refresh_own_entries(self) -> None:
+        """Reset the idle time of the jobs we still own, and drop the ones another worker took over.
+
+        A step longer than ``worker_claim_idle_s`` lets another worker claim our jobs; taking them
+        back would make two workers run (and stream) the same job, so the later owner keeps it.
+        """
+        if not self.active:
+            return
+        pending = self.redis.xpending_range(self.keys.jobs, GROUP, min="-", max="+", count=len(self.active) + 16, consumername=self.id)
+        owned = {entry["message_id"] for entry in pending}
+        for a in [a for a in self.active if a.entry_id not in owned]:
+            logger.warning("job %s was taken over by another worker; dropping our copy", a.job.id)
+            a.run.close()
+            self.active.remove(a)
+            metrics.WORKER_JOBS.labels("lost").inc()
+        metrics.WORKER_BUSY.set(len(self.active))
+        if self.active:
+            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, [a.entry_id for a in self.active], justid=True)
 
     # ------------------------------------------------------------------ taking jobs
     def free_slots(self) -> int:
@@ -133,10 +152,12 @@ class Worker:
         if self.free_slots() <= 0:
             return
         idle_ms = int(self.settings.worker_claim_idle_s * 1000)
+        self.refresh_own_entries()  # a slow step must not make our own jobs look abandoned to ourselves
         mine = {a.entry_id for a in self.active}
-        if mine:  # a slow step must not make our own jobs look abandoned to ourselves
-            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, list(mine), justid=True)
-        _, entries, _ = self.redis.xautoclaim(self.keys.jobs, GROUP, self.id, idle_ms, "0-0", count=self.free_slots())
+        # XAUTOCLAIM scans a bounded window of the pending list per call: keep its cursor so stale
+        # entries behind many live ones are reached on later calls.
+        cursor, entries, _ = self.redis.xautoclaim(self.keys.jobs, GROUP, self.id, idle_ms, self._claim_cursor, count=self.free_slots())
+        self._claim_cursor = cursor if cursor and cursor != "0-0" else "0-0"
         for entry_id, fields in entries:
             if fields and entry_id not in mine:  # fields is None for entries deleted meanwhile
                 logger.warning("worker %s claimed stale job entry %s", self.id, entry_id)
@@ -167,6 +188,10 @@ class Worker:
         except (TypeError, ValueError) as e:
             self.fail(entry_id, job, error_event(400, f"invalid job: {e}", type_="invalid_request_error"), "error")
             return
+        except Exception:  # e.g. a chat template that rejects this conversation: fail the job, not the worker
+            logger.exception("job %s could not be started", job.id)
+            self.fail(entry_id, job, error_event(500, "internal error while preparing the request", code="prepare_failed"), "error")
+            return
         metrics.QUEUE_WAIT.labels(params.strategy).observe(max(0.0, time.time() - job.created))
         active = Active(entry_id, job, run)
         if job.stream:  # a job taken over from a dead worker may have streamed part of its text already
@@ -194,7 +219,12 @@ class Worker:
         done = {id(r) for r in finished}
         for a in list(self.active):
             if id(a.run) in done:
-                self.finish(a)
+                try:
+                    self.finish(a)
+                except Exception:
+                    logger.exception("job %s: building the answer failed", a.job.id)
+                    if a in self.active:
+                        self.fail(a.entry_id, a.job, error_event(500, "internal error while answering", code="answer_failed"), "error", a)
             elif a.job.stream and self.settings.fail_closed_threshold is None:
                 self.stream_committed(a)
 
@@ -274,7 +304,6 @@ class Worker:
                 a.run.close()
                 self.retire(a, "cancelled")
             elif a.job.deadline and now > a.job.deadline:
-                a.run.close()
                 self.fail(a.entry_id, a.job, error_event(504, "the search ran past the request deadline", type_="timeout", code="timeout"), "timeout", a)
 
     def hand_back_all(self) -> None:

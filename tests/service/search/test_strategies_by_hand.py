@@ -160,3 +160,13 @@ def test_bad_params_are_refused_with_the_param_named(bad):
     with pytest.raises(InvalidRequestError) as err:
         SearchParams(**bad).validate(max_budget=64, max_new_tokens_limit=512)
     assert err.value.param == next(iter(bad))
+
+
+def test_forbidden_eos_never_survives_a_full_nucleus():
+    """top_p = 1 keeps every token of non-zero probability, but not a forbidden EOS (probability 0)."""
+    logits = torch.tensor([[-math.inf, 0.1, 0.2, 0.3, 0.4]] * 200) + torch.randn(200, 5) * 3
+    keep = nucleus_mask(logits, 1.0)
+    assert not keep[:, EOS].any() and keep[:, 1:].all()
+    mrm = {k: [100.0, 0.0, 0.0, 0.0, 0.0] for k in MRM}  # the MRM loves EOS
+    decision, _ = drive(ctx_for(top_p=1.0, min_new_tokens=2, max_new_tokens=2), POLICY, mrm)
+    assert EOS not in decision.ids

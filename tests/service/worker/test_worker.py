@@ -201,3 +201,53 @@ def test_fail_closed_replaces_low_reward_answers(guard, settings, client):
     final = evs[0]
     assert final["finish_reason"] == "content_filter" and final["text"] == closed.refusal_message
     assert final["safety"]["refused"] and final["safety"]["refusal_source"] == "guard"
+
+
+def _deliver(client, settings, consumer, n):
+    keys = Keys(settings.redis_prefix)
+    for _ in range(n):
+        enqueue(client, settings)
+    client.xgroup_create(keys.jobs, GROUP, id="0", mkstream=True) if not client.xinfo_groups(keys.jobs) else None
+    got = client.xreadgroup(GROUP, consumer, {keys.jobs: ">"}, count=n)
+    return [entry_id for _, entries in got for entry_id, _ in entries]
+
+
+def test_stale_jobs_behind_many_live_ones_are_still_claimed(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    live = _deliver(client, settings, "live", 25)
+    dead = _deliver(client, settings, "dead", 3)
+    time.sleep(1.2)
+    client.xclaim(keys.jobs, GROUP, "live", 0, live, justid=True)  # the live worker's heartbeat
+    worker = Worker(Settings(**(settings.model_dump() | {"worker_max_active": 1})), guard, client, "claimer")
+    for _ in range(6):  # XAUTOCLAIM looks at 10 entries per call with count=1
+        worker.claim_stale()
+        if worker.active:
+            break
+    assert [a.entry_id for a in worker.active] == [dead[0]]
+    worker.active[0].run.close()
+
+
+def test_a_job_taken_over_by_another_worker_is_dropped_not_taken_back(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    enqueue(client, settings, max_new_tokens=64, min_new_tokens=64)
+    worker = Worker(settings, guard, client, "slow")
+    worker.run(install_signals=False, max_loops=2)
+    (entry,) = [a.entry_id for a in worker.active]
+    client.xclaim(keys.jobs, GROUP, "other", 0, [entry], justid=True)  # claimed while "slow" was busy
+    worker.heartbeat()
+    assert not worker.active
+    (pending,) = client.xpending_range(keys.jobs, GROUP, min="-", max="+", count=5)
+    assert pending["consumer"] == "other"
+
+
+def test_an_unexpected_error_fails_the_job_not_the_worker(guard, settings, client, monkeypatch):
+    job = enqueue(client, settings)
+    worker = Worker(settings, guard, client, "w-test")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(guard, "prepare", broken)
+    worker.run(install_signals=False, max_loops=2)
+    assert events(client, settings, job)[-1]["status"] == 500
+    assert client.xlen(Keys(settings.redis_prefix).jobs) == 0
