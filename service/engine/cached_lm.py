@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import DynamicCache
 
-from service.engine.trie_cache import TreeNode, TrieCache
+from service.engine.trie_cache import TreeNode, TrieCache, common_prefix_len
 
 
 @dataclass
@@ -244,13 +244,7 @@ class CachedLM:
         node, p, suffix = plan
         if p < node.end:
             return plan
-        k = len(suffix)
-        for seq in members:
-            rest = seq[p:]
-            j = 0
-            while j < min(k, len(rest)) and rest[j] == suffix[j]:
-                j += 1
-            k = j
+        k = min(common_prefix_len(suffix, seq, p) for seq in members)
         assert k >= 1, f"{k=}"
         return node, p, suffix[:k]
 

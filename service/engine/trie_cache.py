@@ -92,7 +92,7 @@ class TrieCache:
             child = node.children.get(tokens[n])
             if child is None:
                 break
-            k = _common_len(child.key, tokens, n)
+            k = common_prefix_len(child.key, tokens, n)
             if k < len(child.key):
                 child = self._split(child, k)
             child.last_access_time = now
@@ -235,9 +235,10 @@ class TrieCache:
         )
 
 
-def _common_len(key: tuple[int, ...], tokens, offset: int) -> int:
-    n = min(len(key), len(tokens) - offset)
+def common_prefix_len(a, b, offset: int = 0) -> int:
+    """Length of the common prefix of ``a`` and ``b[offset:]`` (token sequences)."""
+    n = min(len(a), len(b) - offset)
     i = 0
-    while i < n and key[i] == tokens[offset + i]:
+    while i < n and a[i] == b[offset + i]:
         i += 1
     return i

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from service.engine.cached_lm import CallStats, PrefixCounter
+from service.engine.trie_cache import common_prefix_len
 from service.models.bundle import ModelBundle
 from service.search import STRATEGY_FNS
 from service.search.calls import Call, Decision, SearchContext
@@ -178,12 +179,4 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
 
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
-    first = seqs[0]
-    n = len(first)
-    for seq in seqs[1:]:
-        n = min(n, len(seq))
-        i = 0
-        while i < n and seq[i] == first[i]:
-            i += 1
-        n = i
-    return first[:n]
+    return seqs[0][: min(common_prefix_len(seqs[0], seq) for seq in seqs)]
