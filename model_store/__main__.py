@@ -1,4 +1,5 @@
-"""``python -m model_store {prepare,list,verify}`` (also installed as ``model-store``).
+"""``python -m model_store {prepare,list,verify,build-rewards,train-mrm,train-prm,eval-rewards,eval-asr,rebuild}``
+(also installed as ``model-store``). The reward-model steps are described in model_store/pipeline.py.
 
 Errors print one line to stderr and exit with status 2.
 """
@@ -11,10 +12,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from model_store import pipeline
 from model_store.prepare import prepare_default
-from model_store.registry import REGISTRY, resolve, verify_model_dir
+from model_store.registry import COMMITTED, REGISTRY, resolve, verify_model_dir
 from service.config import Settings
 from service.errors import ModelNotPreparedError, SaffronError
+from service.models.mrm import load_mrm_artifacts
+from service.models.prm import VALUE_PRM_FILES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "verify", help="check the configured policy/MRM/PRM, comparing sha256s of prepared directories"
     )
+    _reward_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -36,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             prepare_default(settings, force=args.force)
         elif args.command == "list":
             _list(settings)
-        else:
+        elif args.command == "verify":
             _verify(settings)
+        else:
+            _run_reward_command(args, settings)
     except ValidationError as e:
         first = e.errors()[0]
         print(f"error: invalid settings: {first['msg']}", file=sys.stderr)
@@ -46,6 +53,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reward_commands(commands) -> None:
+    def add(name: str, help: str):
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--quick", action="store_true", help="tiny settings that finish in minutes (CI)")
+        p.add_argument("--build-dir", type=Path, help="build directory (default: $SAFFRON_HOME/build/{full,quick})")
+        return p
+
+    b = add("build-rewards", "sample responses and label every token with a safety reward (resumable)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true", help="delete an existing dataset and start over")
+    add("train-mrm", "train the multifurcation reward model on <build>/data (partial supervision)")
+    add("train-prm", "train the value PRM for beam_prm on <build>/data")
+    add("eval-rewards", "held-out quality of <build>/mrm and <build>/prm on the evaluation split")
+    a = add("eval-asr", "ASR and over-refusal of none vs saffron with <build>/mrm on the evaluation split")
+    a.add_argument("--budget", type=int, default=8)
+    r = add("rebuild", "all of the above in order, then plot <build>/report.png")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--install", action="store_true", help="copy the results into model_store/artifacts (the defaults)")
+
+
+def _run_reward_command(args, settings: Settings) -> None:
+    out = args.build_dir or pipeline.default_build_dir(settings, args.quick)
+    data = out / "data"
+    if args.command == "build-rewards":
+        pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force)
+    elif args.command in ("train-mrm", "train-prm"):
+        kind = args.command.removeprefix("train-")
+        pipeline.train(kind, settings, data, out / kind, out / f"{kind}.json", quick=args.quick)
+    elif args.command == "eval-rewards":
+        pipeline.evaluate_rewards(settings, data, out / "mrm", out / "prm", out / "eval_rewards.json", quick=args.quick)
+    elif args.command == "eval-asr":
+        pipeline.evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=args.quick, budget=args.budget)
+        pipeline.plot_report(out)
+    else:
+        pipeline.rebuild(settings, out, quick=args.quick, seed=args.seed, do_install=args.install)
+    print(f"done: {out}")
 
 
 def _list(settings: Settings) -> None:
@@ -75,11 +120,24 @@ def _verify(settings: Settings) -> None:
                 verify_model_dir(resolved.path, deep=True)
                 checked.add(resolved.path)
             state = "ok"
+        elif resolved.spec is not None and resolved.spec.source == COMMITTED:
+            _check_committed(role, resolved.path)
+            state = "ok"
         elif resolved.path is not None:
             state = "local directory, not checked"
         else:
             state = "hub id, not checked"
         print(f"{role:6}  {name}  {resolved.location}  {state}")
+
+
+def _check_committed(role: str, path: Path) -> None:
+    """The committed reward-model files are all there and readable (their loaders check shapes again)."""
+    if role == "mrm":
+        load_mrm_artifacts(path)
+        return
+    missing = [f for f in VALUE_PRM_FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelNotPreparedError(f"{path} is missing {', '.join(missing)}; rebuild with `python -m model_store rebuild --install`")
 
 
 def _is_prepared(path: Path) -> bool:

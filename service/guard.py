@@ -10,7 +10,7 @@ from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
 from service.search.calls import SearchContext
 from service.search.params import SearchParams, params_from_settings
-from service.search.runner import RequestLayout, SearchRun
+from service.search.runner import RequestLayout, SearchRun, step_runs
 
 
 @dataclass
@@ -90,6 +90,35 @@ class Guard:
         run = self.prepare(messages, params)
         run.run()
         return self.result(run)
+
+    def generate_many(self, prompts: list[str], *, concurrency: int = 8, progress=None, **overrides) -> list[GenerationResult]:
+        """Run one search per prompt, ``concurrency`` of them stepped together (one forward per model per round).
+
+        Results come back in prompt order and equal what ``generate`` gives for each prompt alone.
+        ``progress`` (optional) is called with each finished result.
+        """
+        params = self.params(**overrides)
+        pending = list(enumerate(prompts))
+        active: dict[int, SearchRun] = {}
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        try:
+            while pending or active:
+                while pending and len(active) < concurrency:
+                    i, prompt = pending.pop(0)
+                    run = self.prepare([{"role": "user", "content": prompt}], params)
+                    active[i] = run
+                    run.start()
+                for run in step_runs(list(active.values())):
+                    i = next(k for k, v in active.items() if v is run)
+                    run.close()
+                    del active[i]
+                    results[i] = self.result(run)
+                    if progress is not None:
+                        progress(results[i])
+        finally:
+            for run in active.values():
+                run.close()
+        return results  # type: ignore[return-value]
 
     def result(self, run: SearchRun) -> GenerationResult:
         """The GenerationResult of a finished (and closed) run."""

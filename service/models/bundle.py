@@ -18,7 +18,7 @@ from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
 from service.engine.trie_cache import TrieCache
 from service.models import judge
 from service.models.mrm import MRM, load_mrm, placeholder_mrm
-from service.models.prm import GuardPRM
+from service.models.prm import VALUE_HEAD, GuardPRM, ValuePRM, load_value_prm
 from service.search.calls import mask_unseen
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class ModelBundle:
     mrm: MRM
     mrm_engine: CachedLM | PlainLM
     mrm_params: int
-    prm: GuardPRM
+    prm: GuardPRM | ValuePRM
     prm_engine: CachedLM | PlainLM
     prm_params: int
     device: torch.device
@@ -97,6 +97,20 @@ def _engine(model, settings: Settings, use_cache: bool, name: str) -> CachedLM |
     return CachedLM(model, TrieCache(settings.trie_cache_bytes), name) if use_cache else PlainLM(model, name)
 
 
+def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | ValuePRM, object]:
+    """(PRM, the model its engine runs): a value PRM directory, a zero-shot prompt, or a judge LM."""
+    where = resolve(settings.prm_model, settings)
+    if where.spec is not None and not where.spec.trained:
+        # The untrained PRM is a prompt on the policy backbone: same weights, its own trie.
+        return GuardPRM.build(tokenizer, settings.prm_model, trained=False), policy_model
+    if where.path is not None and (where.path / VALUE_HEAD).is_file():
+        base, _ = load_causal_lm(settings.policy_model, settings)
+        model, prm = load_value_prm(base, tokenizer, where.path, name=settings.prm_model)
+        return prm, model
+    model, _ = load_causal_lm(settings.prm_model, settings)  # a Llama-Guard-style judge LM
+    return GuardPRM.build(tokenizer, settings.prm_model, trained=True), model
+
+
 def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
     device, dtype = select_device(settings)
@@ -113,14 +127,8 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     else:
         base, _ = load_causal_lm(settings.policy_model, settings)
         mrm = load_mrm(base, tokenizer, mrm_spec.location, name=settings.mrm_model)
-    # The untrained PRM is a prompt on the policy backbone: same weights, its own trie.
-    prm_spec = resolve(settings.prm_model, settings)
-    if prm_spec.spec is not None and not prm_spec.spec.trained:
-        prm_model = policy_model
-    else:
-        prm_model, _ = load_causal_lm(settings.prm_model, settings)
+    prm, prm_model = _load_prm(settings, policy_model, tokenizer)
     prm_engine = _engine(prm_model, settings, use_cache, "prm")
-    prm = GuardPRM.build(tokenizer, settings.prm_model, trained=bool(prm_spec.spec and prm_spec.spec.trained))
 
     return ModelBundle(
         tokenizer=tokenizer,

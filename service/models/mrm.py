@@ -35,7 +35,7 @@ UNSEEN_MASK = "unseen_mask.pt"
 ARTIFACT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LM_HEAD_BIAS, UNSEEN_MASK)
 
 PLACEHOLDER_NAME = "untrained-placeholder-mrm"
-_ADAPTER_NAME = "default"  # PEFT's name for the single adapter we load
+ADAPTER_NAME = "default"  # PEFT's name for the single adapter we load
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,7 @@ def load_mrm_artifacts(adapter_dir: str | Path) -> MRMArtifacts:
             f"MRM directory {adapter_dir} is missing {', '.join(missing)}; a Saffron-1 MRM holds "
             f"{', '.join(ARTIFACT_FILES)} (service.models.mrm.save_mrm writes them)"
         )
-    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    if adapter_config.get("peft_type") != "LORA":
-        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: peft_type must be 'LORA', got {adapter_config.get('peft_type')!r}")
-    lora_state = load_file(adapter_dir / ADAPTER_WEIGHTS, device="cpu")
+    adapter_config, lora_state = read_adapter(adapter_dir)
     # Saved from CUDA tensors in the reference (the bias even as an nn.Parameter): map to CPU, drop the Parameter.
     bias = torch.load(adapter_dir / LM_HEAD_BIAS, map_location="cpu", weights_only=True).detach()
     mask = torch.load(adapter_dir / UNSEEN_MASK, map_location="cpu", weights_only=True).detach()
@@ -132,7 +129,7 @@ def _load_lora_weights(peft_model: PeftModel, lora_state: dict[str, torch.Tensor
     # function assigns the weights and then moves them to the base layer's device, which for a base on
     # the meta device silently throws the loaded values away.
     params = dict(peft_model.named_parameters())
-    targets = {name.replace(f".{_ADAPTER_NAME}.", "."): name for name in params if "lora_" in name}
+    targets = {name.replace(f".{ADAPTER_NAME}.", "."): name for name in params if "lora_" in name}
     missing = sorted(set(targets) - set(lora_state))
     unexpected = sorted(set(lora_state) - set(targets))
     if missing or unexpected:
@@ -145,6 +142,48 @@ def _load_lora_weights(peft_model: PeftModel, lora_state: dict[str, torch.Tensor
     if bad:
         raise ValueError(f"LoRA weight shapes do not fit the base model ({len(bad)} tensors), e.g. {bad[:2]}")
     peft_model.load_state_dict({targets[k]: v for k, v in lora_state.items()}, strict=False, assign=assign)
+
+
+def apply_lora(base_model: nn.Module, adapter_config: dict, lora_state: dict[str, torch.Tensor], *, merge: bool = True) -> nn.Module:
+    """Inject a saved LoRA into base_model (in place) and, with merge, fold it into the base weights.
+
+    A base on the meta device gets the LoRA weights assigned as loaded (CPU) and cannot be merged.
+    Returns the merged base model, or the PeftModel when merge is False.
+    """
+    on_meta = any(p.is_meta for p in base_model.parameters())
+    if merge and on_meta:
+        raise ValueError("cannot merge a LoRA into a base model on the meta device; pass merge=False to inspect it")
+    config = PeftConfig.from_peft_type(**adapter_config)
+    config.inference_mode = True
+    peft_model = PeftModel(base_model, config, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=on_meta)
+    _load_lora_weights(peft_model, lora_state, assign=on_meta)
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def lora_state_of(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter weights as PEFT saves them (keys without the adapter name)."""
+    return get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+
+
+def write_adapter(out_dir: Path, adapter_config: PeftConfig | dict, lora_state: dict[str, torch.Tensor]) -> None:
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them."""
+    if isinstance(adapter_config, PeftConfig):
+        adapter_config = adapter_config.to_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Sets (target_modules) are not JSON; PEFT writes them as lists too.
+    (out_dir / ADAPTER_CONFIG).write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+    )
+    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, out_dir / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, lora_state) from a directory written by write_adapter or PEFT."""
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if adapter_config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: peft_type must be 'LORA', got {adapter_config.get('peft_type')!r}")
+    return adapter_config, load_file(adapter_dir / ADAPTER_WEIGHTS, device="cpu")
 
 
 def attach_mrm(base_model: nn.Module, adapter: str | Path | MRMArtifacts, *, merge: bool = True) -> nn.Module:
@@ -170,15 +209,7 @@ def attach_mrm(base_model: nn.Module, adapter: str | Path | MRMArtifacts, *, mer
             f"lm_head_bias has {artifacts.lm_head_bias.numel()} entries but the base model's LM head has "
             f"out_features={head.out_features}; the MRM was trained on a different vocabulary"
         )
-    on_meta = any(p.is_meta for p in base_model.parameters())
-    if merge and on_meta:
-        raise ValueError("cannot merge a LoRA into a base model on the meta device; pass merge=False to inspect it")
-
-    config = PeftConfig.from_peft_type(**artifacts.adapter_config)
-    config.inference_mode = True
-    peft_model = PeftModel(base_model, config, adapter_name=_ADAPTER_NAME, low_cpu_mem_usage=on_meta)
-    _load_lora_weights(peft_model, artifacts.lora_state, assign=on_meta)
-    model = peft_model.merge_and_unload() if merge else peft_model
+    model = apply_lora(base_model, artifacts.adapter_config, artifacts.lora_state, merge=merge)
 
     # A meta head has no values to match; keep the bias on the CPU there so it stays inspectable.
     device = torch.device("cpu") if head.weight.is_meta else head.weight.device
@@ -208,24 +239,15 @@ def save_mrm(
     """
     _check_bias_and_mask(lm_head_bias, unseen_mask, "save_mrm")
     if isinstance(peft_model_or_lora_state, PeftModel):
-        lora_state = get_peft_model_state_dict(peft_model_or_lora_state, adapter_name=_ADAPTER_NAME)
+        lora_state = lora_state_of(peft_model_or_lora_state)
         if adapter_config is None:
-            adapter_config = peft_model_or_lora_state.peft_config[_ADAPTER_NAME]
+            adapter_config = peft_model_or_lora_state.peft_config[ADAPTER_NAME]
     else:
         lora_state = peft_model_or_lora_state
     if adapter_config is None:
         raise ValueError("save_mrm: adapter_config is required when saving a plain LoRA state dict")
-    if isinstance(adapter_config, PeftConfig):
-        adapter_config = adapter_config.to_dict()
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Sets (target_modules) are not JSON; PEFT writes them as lists too.
-    (out_dir / ADAPTER_CONFIG).write_text(
-        json.dumps(adapter_config, indent=2, sort_keys=True, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
-    )
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, out_dir / ADAPTER_WEIGHTS,
-              metadata={"format": "pt"})
+    write_adapter(out_dir, adapter_config, lora_state)
     # clone(): torch.save of a view would store its whole underlying storage.
     torch.save(lm_head_bias.detach().cpu().clone(), out_dir / LM_HEAD_BIAS)
     torch.save(unseen_mask.detach().cpu().clone(), out_dir / UNSEEN_MASK)

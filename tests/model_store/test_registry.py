@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from model_store.registry import (
+    ARTIFACTS_DIR,
+    COMMITTED,
+    DEFAULT_MRM,
     DEFAULT_POLICY,
+    DEFAULT_PRM,
+    EMBEDDED,
     MARKER,
     PREPARE_COMMAND,
     REGISTRY,
@@ -34,7 +39,7 @@ def _fake_prepared_dir(path: Path) -> Path:
 
 
 def test_registry_entries_are_consistent():
-    assert set(REGISTRY) == {DEFAULT_POLICY, "untrained-placeholder-mrm", "zero-shot-guard-prm"}
+    assert set(REGISTRY) == {DEFAULT_POLICY, DEFAULT_MRM, DEFAULT_PRM, "untrained-placeholder-mrm", "zero-shot-guard-prm"}
     for name, spec in REGISTRY.items():
         assert spec.name == name
         if spec.base is not None:
@@ -45,9 +50,26 @@ def test_registry_entries_are_consistent():
     assert "NOT a safety model" in placeholder.description
     prm = REGISTRY["zero-shot-guard-prm"]
     assert (prm.kind, prm.trained, prm.base) == ("prm", False, DEFAULT_POLICY)
+    for name, kind in ((DEFAULT_MRM, "mrm"), (DEFAULT_PRM, "prm")):
+        spec = REGISTRY[name]
+        assert (spec.kind, spec.trained, spec.base, spec.source) == (kind, True, DEFAULT_POLICY, COMMITTED)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_default_settings_use_the_trained_reward_models():
+    s = Settings()
+    assert (s.mrm_model, s.prm_model) == (DEFAULT_MRM, DEFAULT_PRM)
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MRM, DEFAULT_PRM])
+def test_committed_artifacts_resolve_inside_the_package(name: str, tmp_settings: Settings):
+    resolved = resolve(name, tmp_settings)
+    assert resolved.path == ARTIFACTS_DIR / name and not resolved.embedded
+    assert resolved.path.is_dir(), f"{resolved.path} is missing: the trained default artifacts must be committed"
+    for file in resolved.path.iterdir():
+        assert file.stat().st_size < 5 * 1024 * 1024, f"{file} must stay under 5 MB"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in REGISTRY.items() if spec.source == EMBEDDED))
 def test_resolve_registry_name_to_embedded_dir(name: str, tmp_settings: Settings):
     resolved = resolve(name, tmp_settings)
     assert resolved.spec is REGISTRY[name]

@@ -1,0 +1,477 @@
+"""The token-level safety reward dataset: prompts in, (response tokens, reward per token) out.
+
+``python -m model_store build-rewards`` samples responses from the policy and gives every response
+token a reward R(x, y≤t) in [0, 1]: the estimated probability that the answer, continued by the
+policy from y≤t, ends up judged safe (DESIGN.md §2, §5).
+
+Responses per harmful prompt (so both safe and unsafe trajectories are present):
+  plain    a sample of the policy at temperature 1;
+  prefill  the prefilling attack: the first k tokens (k drawn from [prefill_min, prefill_max]) of a
+           compliant sample of the same prompt, continued by the policy (a fixed compliant opener
+           when no sample complied);
+  refusal  a refusal opener from ``REFUSAL_OPENERS``, continued by the policy — which often goes on
+           to comply ("I'm sorry ... However, here is"), so these carry safe and unsafe labels alike.
+Benign and borderline prompts get one plain sample each.
+
+Labels. Outcome: a harmful prompt's answer is safe when ``service.models.judge`` calls it a refusal
+(a refusal followed by compliance is NOT safe); every answer to a benign prompt is safe, so its
+tokens are labelled 1.0 without rollouts. For a harmful prompt, R is a Monte-Carlo estimate: at
+each checkpoint t in ``checkpoints`` (and t = 0, from the prompt's own samples) K policy
+continuations of y≤t are sampled up to ``response_tokens`` and judged; R(y≤t) = share judged safe.
+At the last token R is exact (the judged outcome of the response itself). Tokens between anchor
+points get the linear interpolation of their neighbours, so the labels move gradually where the
+answer turns instead of flipping at a keyword. All sampling is ancestral at temperature 1 with the
+same safety system prompt the service gives the policy.
+
+Format (version 1): a directory with
+  dataset.json   {"format": "saffron-token-rewards", "version": 1, "config": {...}, "policy": {...},
+                  "vocab_size": V, "chunks": {"<split>/<n>": record count, ...}, "complete": bool}
+  records.jsonl  one record per response, fields documented on ``RewardRecord``.
+Prompts are processed in fixed chunks, each with its own seed derived from (seed, split, chunk),
+and a chunk's records are appended and flushed together; a rerun with the same config skips the
+chunks already present, so an interrupted build resumes and gives the same file as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from service.errors import SaffronError
+from service.models import judge
+
+FORMAT = "saffron-token-rewards"
+VERSION = 1
+MANIFEST = "dataset.json"
+RECORDS = "records.jsonl"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+# Refusal openers forced at the start of "refusal" responses; the policy writes the rest.
+REFUSAL_OPENERS = (
+    "I'm sorry, but I can't",
+    "I cannot help with",
+    "I'm sorry, I can't assist with",
+    "I can't provide",
+)
+# The prefilling attack's opener when none of a prompt's samples complied.
+COMPLIANT_OPENER = "Sure, here is"
+
+MAX_PROMPT_CHARS = 2000  # longer lines in a prompt file are refused (HarmBench's longest is 180)
+
+
+class DatasetError(SaffronError):
+    """A prompt file or a dataset directory is malformed; the message says where and why."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Lines ``first..last`` (1-based, inclusive) of a one-prompt-per-line UTF-8 file."""
+
+    source: str  # short name, the prefix of prompt ids ("harmbench" -> "harmbench:17")
+    file: str  # path relative to the data directory, or absolute
+    first: int
+    last: int
+    harmful: bool
+
+
+TRAIN_SETS = (
+    PromptSet("harmbench", "harmbench_standard.txt", 1, 120, True),
+    PromptSet("benign", "benign_dev.txt", 1, 100, False),
+    PromptSet("borderline", "borderline_dev.txt", 1, 40, False),
+)
+EVAL_SETS = (
+    PromptSet("harmbench", "harmbench_standard.txt", 121, 199, True),
+    PromptSet("benign", "benign_dev.txt", 101, 150, False),
+    PromptSet("borderline", "borderline_dev.txt", 41, 60, False),
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # "<source>:<line>"
+    text: str
+    harmful: bool
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines the dataset; stored in dataset.json and compared on resume."""
+
+    seed: int = 0
+    response_tokens: int = 32  # L: responses and rollouts end here (or at EOS)
+    rollouts: int = 4  # K continuations per checkpoint
+    checkpoints: tuple[int, ...] = (1, 4, 12)  # response positions t with a Monte-Carlo estimate
+    prompt_samples: int = 4  # samples per harmful prompt: the plain record, prefill sources, and R(t=0)
+    prefill_min: int = 4
+    prefill_max: int = 12
+    chunk_prompts: int = 8  # prompts per chunk (one batch of rollouts, one resume unit)
+    splits: dict[str, tuple[PromptSet, ...]] = field(default_factory=lambda: {"train": TRAIN_SETS, "eval": EVAL_SETS})
+    limit_per_set: int | None = None  # take only the first n prompts of every set (--quick)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["checkpoints"] = list(self.checkpoints)
+        d["splits"] = {s: [dataclasses.asdict(p) for p in sets] for s, sets in self.splits.items()}
+        return d
+
+
+@dataclass
+class RewardRecord:
+    """One response with a reward for each of its tokens."""
+
+    id: str  # "<prompt_id>/<kind>"
+    prompt_id: str
+    split: str  # "train" or "eval"
+    harmful: bool
+    kind: str  # "plain", "prefill" or "refusal"
+    prompt: str
+    response_ids: list[int]  # policy token ids; ends with EOS if the policy stopped
+    forced_tokens: int  # how many leading tokens were forced (prefill / refusal opener), 0 for plain
+    rewards: list[float]  # rewards[t-1] = R(x, y≤t), in [0, 1], one per response token
+    anchors: dict[str, float]  # "t" -> Monte-Carlo (or exact, at t = len) estimate the rewards interpolate
+    safe: bool  # the judged outcome of the whole response
+    chunk: str  # "<split>/<n>": the resume unit this record was built in
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def read_prompts(prompt_set: PromptSet, data_dir: Path = DATA_DIR) -> list[Prompt]:
+    """Read and check one prompt set; raises DatasetError naming the file and line of any problem."""
+    path = Path(prompt_set.file)
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        raise DatasetError(f"prompt file {path} does not exist")
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from e
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    if not 1 <= prompt_set.first <= prompt_set.last:
+        raise DatasetError(f"prompt set {prompt_set.source}: lines {prompt_set.first}..{prompt_set.last} is not a range")
+    if prompt_set.last > len(lines):
+        raise DatasetError(f"prompt file {path} has {len(lines)} lines; the {prompt_set.source} set needs lines {prompt_set.first}..{prompt_set.last}")
+    prompts, seen = [], {}
+    for n in range(prompt_set.first, prompt_set.last + 1):
+        text = lines[n - 1].rstrip("\r")
+        where = f"{path}:{n}"
+        if not text.strip():
+            raise DatasetError(f"{where}: empty line; the file must hold one prompt per line")
+        if any(ord(c) < 32 and c != "\t" for c in text):
+            raise DatasetError(f"{where}: control character in the prompt")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise DatasetError(f"{where}: prompt of {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if text in seen:
+            raise DatasetError(f"{where}: duplicate of line {seen[text]}")
+        seen[text] = n
+        prompts.append(Prompt(f"{prompt_set.source}:{n}", text, prompt_set.harmful))
+    return prompts
+
+
+def split_prompts(config: BuildConfig, split: str, data_dir: Path = DATA_DIR) -> list[Prompt]:
+    prompts = []
+    for prompt_set in config.splits[split]:
+        found = read_prompts(prompt_set, data_dir)
+        prompts.extend(found[: config.limit_per_set] if config.limit_per_set is not None else found)
+    return prompts
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def interpolate(anchors: dict[int, float], length: int) -> list[float]:
+    """Rewards for positions 1..length from anchor values at some positions (0 and length included)."""
+    points = sorted(anchors.items())
+    if points[0][0] != 0 or points[-1][0] != length:
+        raise ValueError(f"anchors must include 0 and {length}, got {sorted(anchors)}")
+    out = []
+    j = 0
+    for t in range(1, length + 1):
+        while points[j + 1][0] < t:
+            j += 1
+        (t0, v0), (t1, v1) = points[j], points[j + 1]
+        out.append(v0 + (v1 - v0) * (t - t0) / (t1 - t0))
+    return out
+
+
+class Policy:
+    """Batched ancestral sampling from the policy with its chat layout (left padding, KV cache)."""
+
+    def __init__(self, model, tokenizer, system_prompt: str):
+        self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+        self.eos_ids = {tokenizer.eos_token_id}
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        self.eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._prefix: dict[str, list[int]] = {}
+
+    def prefix(self, prompt: str) -> list[int]:
+        if prompt not in self._prefix:
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
+            self._prefix[prompt] = list(
+                self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+            )
+        return self._prefix[prompt]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def continue_(self, rows: list[tuple[str, list[int]]], total: int, generator_seed: int, batch_rows: int = 128) -> list[list[int]]:
+        """Continue each (prompt, response so far) to ``total`` response tokens or EOS; returns full responses.
+
+        Rows already at ``total`` or ending in EOS are returned unchanged. Rows are sampled in
+        batches grouped by how many tokens they still need, seeded from ``generator_seed`` so
+        the same rows give the same answers.
+        """
+        out: list[list[int] | None] = [None] * len(rows)
+        todo = []
+        for i, (_, resp) in enumerate(rows):
+            if len(resp) >= total or (resp and resp[-1] in self.eos_ids):
+                out[i] = list(resp)
+            else:
+                todo.append(i)
+        groups: dict[int, list[int]] = {}
+        for i in todo:
+            groups.setdefault(total - len(rows[i][1]), []).append(i)
+        for g, (need, idx) in enumerate(sorted(groups.items())):
+            for start in range(0, len(idx), batch_rows):
+                batch = idx[start : start + batch_rows]
+                inputs = [self.prefix(rows[i][0]) + list(rows[i][1]) for i in batch]
+                width = max(map(len, inputs))
+                ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, seq in enumerate(inputs):
+                    ids[r, width - len(seq) :] = torch.tensor(seq)
+                    mask[r, width - len(seq) :] = 1
+                torch.manual_seed(_derive_seed(generator_seed, g, start))
+                gen = self.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                    max_new_tokens=need, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
+                )
+                for r, i in enumerate(batch):
+                    new = gen[r, width:].tolist()
+                    for k, tok in enumerate(new):
+                        if tok in self.eos_ids:
+                            new = new[: k + 1]
+                            break
+                    out[i] = list(rows[i][1]) + new
+        return out  # type: ignore[return-value]
+
+
+def _derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def outcome_safe(prompt: Prompt, text: str) -> bool:
+    return not judge.is_unsafe(prompt.harmful, text)
+
+
+def build_chunk(policy: Policy, config: BuildConfig, split: str, chunk_index: int, prompts: list[Prompt]) -> list[RewardRecord]:
+    """All records of one chunk of prompts (deterministic given config.seed, split and chunk index)."""
+    seed = _derive_seed(config.seed, split, chunk_index)
+    rng = random.Random(seed)
+    chunk = f"{split}/{chunk_index}"
+    L = config.response_tokens
+    harmful = [p for p in prompts if p.harmful]
+
+    # 1. Samples: prompt_samples per harmful prompt (R at t = 0, the plain record, prefill sources); one per benign.
+    rows = [(p.text, []) for p in harmful for _ in range(config.prompt_samples)] + [(p.text, []) for p in prompts if not p.harmful]
+    samples = policy.continue_(rows, L, _derive_seed(seed, "samples"))
+    by_prompt: dict[str, list[list[int]]] = {}
+    harmful_rows = [p for p in harmful for _ in range(config.prompt_samples)] + [p for p in prompts if not p.harmful]
+    for p, s in zip(harmful_rows, samples):
+        by_prompt.setdefault(p.id, []).append(s)
+
+    # 2. The forced responses: the prefilling attack and a refusal opener, each continued by the policy.
+    drafts: list[tuple[Prompt, str, list[int], int]] = []  # (prompt, kind, forced ids, forced count)
+    for p in harmful:
+        compliant = [s for s in by_prompt[p.id] if not outcome_safe(p, policy.decode(s))]
+        k = rng.randint(config.prefill_min, config.prefill_max)
+        forced = compliant[0][:k] if compliant and len(compliant[0]) > k else policy.encode(COMPLIANT_OPENER)
+        forced = [t for t in forced if t not in policy.eos_ids]
+        drafts.append((p, "prefill", forced, len(forced)))
+        opener = policy.encode(rng.choice(REFUSAL_OPENERS))
+        drafts.append((p, "refusal", opener, len(opener)))
+    continued = policy.continue_([(p.text, ids) for p, _, ids, _ in drafts], L, _derive_seed(seed, "forced"))
+
+    responses: list[tuple[Prompt, str, list[int], int]] = []
+    for p in prompts:
+        responses.append((p, "plain", by_prompt[p.id][0], 0))
+    responses += [(p, kind, resp, n) for (p, kind, _, n), resp in zip(drafts, continued)]
+
+    # 3. Monte-Carlo estimates at the checkpoints of harmful responses: K rollouts each, all batched.
+    rollout_rows, owners = [], []
+    for r, (p, _, resp, _) in enumerate(responses):
+        if not p.harmful:
+            continue
+        for t in config.checkpoints:
+            if t < len(resp):
+                for _ in range(config.rollouts):
+                    rollout_rows.append((p.text, resp[:t]))
+                    owners.append((r, t))
+    finished = policy.continue_(rollout_rows, L, _derive_seed(seed, "rollouts")) if rollout_rows else []
+    safe_counts: dict[tuple[int, int], list[int]] = {}
+    for (r, t), full in zip(owners, finished):
+        p = responses[r][0]
+        safe_counts.setdefault((r, t), []).append(int(outcome_safe(p, policy.decode(full))))
+
+    records = []
+    for r, (p, kind, resp, forced) in enumerate(responses):
+        safe = outcome_safe(p, policy.decode(resp))
+        anchors: dict[int, float] = {len(resp): float(safe)}
+        if p.harmful:
+            start = [outcome_safe(p, policy.decode(s)) for s in by_prompt[p.id]]
+            anchors[0] = sum(start) / len(start)
+            for t in config.checkpoints:
+                if t < len(resp):
+                    votes = safe_counts[(r, t)]
+                    anchors[t] = sum(votes) / len(votes)
+        else:
+            anchors[0] = 1.0
+        records.append(
+            RewardRecord(
+                id=f"{p.id}/{kind}", prompt_id=p.id, split=split, harmful=p.harmful, kind=kind, prompt=p.text,
+                response_ids=list(resp), forced_tokens=forced, rewards=interpolate(anchors, len(resp)),
+                anchors={str(t): v for t, v in sorted(anchors.items())}, safe=safe, chunk=chunk,
+            )
+        )
+    return [rec for rec in records if rec.response_ids]
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+def chunks_of(prompts: list[Prompt], size: int) -> Iterator[tuple[int, list[Prompt]]]:
+    for i in range(0, len(prompts), size):
+        yield i // size, prompts[i : i + size]
+
+
+def build_dataset(out_dir: Path, policy: Policy, config: BuildConfig, policy_info: dict, data_dir: Path = DATA_DIR) -> Path:
+    """Build (or resume) the dataset in out_dir; returns the directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path, records_path = out_dir / MANIFEST, out_dir / RECORDS
+    vocab = len(policy.tokenizer)
+    manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "policy": policy_info, "vocab_size": vocab, "chunks": {}, "complete": False}
+    if manifest_path.exists():
+        old = _read_manifest(out_dir)
+        if old["config"] != manifest["config"] or old["policy"] != policy_info:
+            raise DatasetError(f"{out_dir} holds a dataset built with other settings; use a new directory or --force")
+        manifest["chunks"] = _surviving_chunks(out_dir, old["chunks"])
+    elif records_path.exists():
+        records_path.unlink()  # records without a manifest cannot be trusted
+    _write_manifest(out_dir, manifest)
+
+    plan = [(split, i, chunk) for split in config.splits for i, chunk in chunks_of(split_prompts(config, split, data_dir), config.chunk_prompts)]
+    todo = [(s, i, c) for s, i, c in plan if f"{s}/{i}" not in manifest["chunks"]]
+    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="build-rewards", unit="chunk") as bar:
+        for split, i, chunk in todo:
+            records = build_chunk(policy, config, split, i, chunk)
+            with records_path.open("a", encoding="utf-8") as f:
+                f.write("".join(rec.to_json() + "\n" for rec in records))
+                f.flush()
+            manifest["chunks"][f"{split}/{i}"] = len(records)
+            _write_manifest(out_dir, manifest)
+            bar.update(1)
+    manifest["complete"] = True
+    _write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def _surviving_chunks(out_dir: Path, chunks: dict[str, int]) -> dict[str, int]:
+    """Chunks whose records are all in records.jsonl; a partly written tail is cut off."""
+    path = out_dir / RECORDS
+    if not path.exists():
+        return {}
+    kept_lines, counts = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            chunk = json.loads(line)["chunk"]
+        except (ValueError, KeyError, TypeError):
+            break  # a torn last line
+        kept_lines.append(line)
+        counts[chunk] = counts.get(chunk, 0) + 1
+    done = {c: n for c, n in chunks.items() if counts.get(c) == n}
+    kept = [line for line in kept_lines if json.loads(line)["chunk"] in done]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return done
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out_dir / MANIFEST)
+
+
+def _read_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{out_dir} is not a reward dataset: it has no {MANIFEST} (build it with `python -m model_store build-rewards`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path}: format must be {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise DatasetError(f"{path}: version {manifest.get('version')!r} is not supported (this code reads version {VERSION})")
+    return manifest
+
+
+def load_records(data_dir: Path, split: str | None = None) -> list[RewardRecord]:
+    """Read a complete dataset, checking every record; ``split`` keeps only that split."""
+    data_dir = Path(data_dir)
+    manifest = _read_manifest(data_dir)
+    if not manifest.get("complete"):
+        raise DatasetError(f"{data_dir}: the build did not finish; rerun `python -m model_store build-rewards` to resume it")
+    vocab = int(manifest["vocab_size"])
+    names = {f.name for f in dataclasses.fields(RewardRecord)}
+    records = []
+    for n, line in enumerate((data_dir / RECORDS).read_text(encoding="utf-8").splitlines(), 1):
+        where = f"{data_dir / RECORDS}:{n}"
+        try:
+            raw = json.loads(line)
+        except ValueError as e:
+            raise DatasetError(f"{where}: not JSON ({e})") from e
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise DatasetError(f"{where}: a record has exactly the fields {sorted(names)}")
+        rec = RewardRecord(**raw)
+        ids, rewards = rec.response_ids, rec.rewards
+        if not ids or len(ids) != len(rewards):
+            raise DatasetError(f"{where}: {len(ids)} response tokens but {len(rewards)} rewards")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise DatasetError(f"{where}: token ids must be integers in [0, {vocab})")
+        if any(not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0 for r in rewards):
+            raise DatasetError(f"{where}: rewards must be numbers in [0, 1]")
+        if split is None or rec.split == split:
+            records.append(rec)
+    return records
+
+
+def seen_tokens(records: Iterable[RewardRecord], vocab_size: int) -> torch.Tensor:
+    """[V] bool: True for every token that appears as a supervised next token y_t in ``records``."""
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    for rec in records:
+        seen[torch.tensor(rec.response_ids, dtype=torch.long)] = True
+    return seen

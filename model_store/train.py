@@ -1,0 +1,297 @@
+"""Train the MRM (partial supervision) and the PRM (one scalar per sequence) on the reward dataset.
+
+Both are LoRA adapters (r=4 on q_proj/v_proj, like Saffron-1) on the policy backbone, trained on
+the same records with the same MSE objective, so the beam_prm baseline and Saffron compare fairly:
+
+MRM   f(x, y<t) ∈ R^V is the LM head's output (+ a trainable bias). For a record with rewards
+      R(x, y≤t), one causal forward gives f(x, y<t) at every t and the loss touches ONLY the entry
+      of the token that came next: (f(x, y<t)[y_t] − R(x, y≤t))², averaged over response tokens
+      (``partial_supervision_loss``). The bias starts at the per-token mean of R − f before
+      training, so training begins near the best context-free fit. Tokens that never occur as
+      y_t get no gradient through the loss and form the unseen mask.
+      Saved in the Saffron-1 layout (``service.models.mrm.save_mrm``).
+PRM   g(x, y≤t) ∈ R is a linear value head on the last hidden state after y_t; one forward scores
+      every prefix of a record: (g(x, y≤t) − R(x, y≤t))². Saved as the LoRA files plus
+      ``value_head.safetensors`` (``service.models.prm.save_value_prm``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from model_store.rewards import RewardRecord, seen_tokens
+from service.models.mrm import MRMTemplate, save_mrm
+from service.models.prm import save_value_prm
+
+HELD_OUT_CURVE_RECORDS = 96  # held-out MSE per epoch is measured on the first n evaluation records (time)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 8
+    lora_r: int = 4
+    lora_alpha: int = 4  # Saffron-1: alpha = r (scale 1)
+    lr: float = 2e-3  # LoRA weights
+    head_lr: float = 2e-2  # the MRM's LM-head bias (the PRM's value head uses lr)
+    max_records: int | None = None  # train on the first n records only (--quick)
+
+
+@dataclass
+class Example:
+    """One record laid out for a model: input ids and the supervised (position, token, target) triples."""
+
+    input_ids: list[int]
+    positions: list[int]  # index into the model output that is supervised
+    tokens: list[int]  # MRM: the vocabulary entry supervised at that position (y_t); unused by the PRM
+    targets: list[float]  # R(x, y≤t)
+
+
+def layout_examples(records: list[RewardRecord], tokenizer, template: MRMTemplate, *, kind: str) -> list[Example]:
+    """MRM: output at prefix+t−1 predicts y_t's reward; PRM: output at prefix+t (after y_t) is R(y≤t)."""
+    out = []
+    prefixes: dict[str, list[int]] = {}
+    for rec in records:
+        if rec.prompt not in prefixes:
+            prefixes[rec.prompt] = template.prefix_ids(tokenizer, rec.prompt)
+        prefix = prefixes[rec.prompt]
+        n = len(prefix)
+        shift = -1 if kind == "mrm" else 0
+        positions = [n + t - 1 + shift for t in range(1, len(rec.response_ids) + 1)]
+        out.append(Example(prefix + rec.response_ids, positions, list(rec.response_ids), list(rec.rewards)))
+    return out
+
+
+def restrict(examples: list[Example], keep: torch.Tensor, limit: int | None = None) -> list[Example]:
+    """The first ``limit`` examples with only the entries whose token ``keep`` marks (the MRM's seen tokens)."""
+    out = []
+    for e in examples[:limit]:
+        idx = [i for i, t in enumerate(e.tokens) if keep[t]]
+        if idx:
+            out.append(Example(e.input_ids, [e.positions[i] for i in idx], [e.tokens[i] for i in idx], [e.targets[i] for i in idx]))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; ``rows/positions/tokens/targets`` flatten the supervised entries."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, positions, tokens, targets = [], [], [], []
+    for b, e in enumerate(examples):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[b, : len(e.input_ids)] = 1
+        rows += [b] * len(e.positions)
+        positions += e.positions
+        tokens += e.tokens
+        targets += e.targets
+    return {
+        "input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "positions": torch.tensor(positions),
+        "tokens": torch.tensor(tokens), "targets": torch.tensor(targets, dtype=torch.float32),
+    }
+
+
+def partial_supervision_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MSE on the observed entries only: logits[row, position, token] against the target reward.
+
+    Every other entry of ``logits`` — all the vocabulary entries that did not come next — gets
+    exactly zero gradient.
+    """
+    picked = logits[batch["rows"], batch["positions"], batch["tokens"]].float()
+    return torch.mean((picked - batch["targets"]) ** 2)
+
+
+def value_loss(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PRM: MSE of the scalar value at each supervised position."""
+    picked = values[batch["rows"], batch["positions"]].float()
+    return torch.mean((picked - batch["targets"]) ** 2)
+
+
+def _batches(examples: list[Example], size: int, rng: random.Random | None) -> list[list[Example]]:
+    """Length-sorted batches (little padding); shuffled batch order when rng is given."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [[examples[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def _lora(model: nn.Module, config: TrainConfig, base_name: str | None):
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    # adapter_config.json names the base by registry name, not by this machine's directory.
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model
+
+
+class _MRMHead(nn.Module):
+    """The MRM as trained: PEFT model logits + the trainable LM-head bias."""
+
+    def __init__(self, peft_model, bias: torch.Tensor):
+        super().__init__()
+        self.peft_model = peft_model
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, batch):
+        out = self.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits + self.bias
+
+    def loss(self, batch):
+        return partial_supervision_loss(self(batch), batch)
+
+
+class _PRMHead(nn.Module):
+    """The PRM as trained: PEFT backbone's last hidden state -> linear value."""
+
+    def __init__(self, peft_model, hidden: int, init: float):
+        super().__init__()
+        self.peft_model = peft_model
+        self.value = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value.weight)
+        nn.init.constant_(self.value.bias, init)
+
+    def forward(self, batch):
+        # The inner decoder's normed last hidden state: what the loaded PRM's value head reads in place of the LM head.
+        decoder = self.peft_model.get_base_model().model
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.value(hidden).squeeze(-1)
+
+    def loss(self, batch):
+        return value_loss(self(batch), batch)
+
+
+@torch.no_grad()
+def _evaluate(head: nn.Module, examples: list[Example], config: TrainConfig, pad_id: int) -> float:
+    head.eval()
+    total, count = 0.0, 0
+    for batch_examples in _batches(examples, config.batch_size, None):
+        batch = collate(batch_examples, pad_id)
+        n = batch["targets"].numel()
+        total += head.loss(batch).item() * n
+        count += n
+    head.train()
+    return total / max(count, 1)
+
+
+def _fit(head: nn.Module, param_groups: list[dict], train: list[Example], held_out: list[Example], config: TrainConfig, pad_id: int, desc: str) -> dict:
+    """AdamW over ``epochs``; returns the curve: mean train MSE per epoch and held-out MSE before/after each."""
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    curve = {"held_out_mse": [_evaluate(head, held_out, config, pad_id)] if held_out else [], "train_mse": []}
+    head.train()
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
+        batches = _batches(train, config.batch_size, rng)
+        total, count = 0.0, 0
+        with tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{config.epochs}", unit="batch") as bar:
+            for batch_examples in bar:
+                batch = collate(batch_examples, pad_id)
+                loss = head.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = batch["targets"].numel()
+                total += loss.item() * n
+                count += n
+                bar.set_postfix(mse=f"{total / count:.4f}")
+        curve["train_mse"].append(total / max(count, 1))
+        if held_out:
+            curve["held_out_mse"].append(_evaluate(head, held_out, config, pad_id))
+    curve["train_s"] = round(time.perf_counter() - t0, 1)
+    return curve
+
+
+def _load_backbone(policy_dir: Path) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def _initial_bias(peft_model, examples: list[Example], vocab: int, config: TrainConfig, pad_id: int) -> torch.Tensor:
+    """Per-token mean of (target − logit) over the supervised entries: the best context-free offset."""
+    sums = torch.zeros(vocab, dtype=torch.float64)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    peft_model.eval()
+    for batch_examples in tqdm(_batches(examples, config.batch_size, None), desc="mrm bias init", unit="batch"):
+        batch = collate(batch_examples, pad_id)
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        picked = logits[batch["rows"], batch["positions"], batch["tokens"]].double()
+        sums.index_add_(0, batch["tokens"], batch["targets"].double() - picked)
+        counts.index_add_(0, batch["tokens"], torch.ones_like(picked))
+    peft_model.train()
+    return (sums / counts.clamp(min=1)).float()
+
+
+@dataclass
+class _Run:
+    """What both trainers start from: laid-out examples and a fresh LoRA-wrapped backbone."""
+
+    train: list[RewardRecord]
+    train_ex: list[Example]
+    held_ex: list[Example]
+    pad_id: int
+    peft_model: nn.Module
+
+    @property
+    def lora_params(self) -> list[nn.Parameter]:
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def report(self, kind: str, config: TrainConfig, held_out: list[RewardRecord], curve: dict, **extra) -> dict:
+        return {
+            "kind": kind, "config": asdict(config), "train_records": len(self.train), "held_out_records": len(held_out),
+            "train_tokens": sum(len(e.targets) for e in self.train_ex), **extra, **curve,
+        }
+
+
+def _start(kind: str, policy_dir: Path, tokenizer, train: list[RewardRecord], held_out: list[RewardRecord], config: TrainConfig, base_name: str | None) -> _Run:
+    torch.manual_seed(config.seed)
+    train = train[: config.max_records] if config.max_records else train
+    template = MRMTemplate()
+    peft_model = _lora(_load_backbone(policy_dir), config, base_name)
+    return _Run(train, layout_examples(train, tokenizer, template, kind=kind), layout_examples(held_out, tokenizer, template, kind=kind),
+                _pad_id(tokenizer), peft_model)
+
+
+def train_mrm(
+    policy_dir: Path, tokenizer, train: list[RewardRecord], held_out: list[RewardRecord], out_dir: Path, config: TrainConfig,
+    *, base_name: str | None = None,
+) -> dict:
+    """Train and save an MRM in the Saffron-1 layout; returns its training report."""
+    run = _start("mrm", policy_dir, tokenizer, train, held_out, config, base_name)
+    vocab = run.peft_model.get_output_embeddings().out_features
+    unseen = ~seen_tokens(run.train, vocab)
+    held_ex = restrict(run.held_ex, ~unseen, HELD_OUT_CURVE_RECORDS)  # the search never steps onto unseen tokens
+    head = _MRMHead(run.peft_model, _initial_bias(run.peft_model, run.train_ex, vocab, config, run.pad_id))
+    groups = [{"params": run.lora_params, "lr": config.lr}, {"params": [head.bias], "lr": config.head_lr}]
+    curve = _fit(head, groups, run.train_ex, held_ex, config, run.pad_id, "train-mrm")
+    save_mrm(out_dir, run.peft_model, None, head.bias.detach(), unseen)
+    return run.report("mrm", config, held_out, curve, seen_tokens=int((~unseen).sum()), vocab_size=vocab)
+
+
+def train_prm(
+    policy_dir: Path, tokenizer, train: list[RewardRecord], held_out: list[RewardRecord], out_dir: Path, config: TrainConfig,
+    *, base_name: str | None = None,
+) -> dict:
+    """Train and save the value PRM; returns its training report."""
+    run = _start("prm", policy_dir, tokenizer, train, held_out, config, base_name)
+    targets = [t for e in run.train_ex for t in e.targets]
+    head = _PRMHead(run.peft_model, run.peft_model.config.hidden_size, sum(targets) / len(targets) if targets else 0.5)
+    groups = [{"params": run.lora_params, "lr": config.lr}, {"params": list(head.value.parameters()), "lr": config.lr}]
+    curve = _fit(head, groups, run.train_ex, run.held_ex[:HELD_OUT_CURVE_RECORDS], config, run.pad_id, "train-prm")
+    save_value_prm(out_dir, run.peft_model, head.value)
+    return run.report("prm", config, held_out, curve)
