@@ -65,6 +65,8 @@ def _reward_commands(commands) -> None:
     b = add("build-rewards", "sample responses and label every token with a safety reward (resumable)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="delete an existing dataset and start over")
+    b.add_argument("--data-dir", type=Path, default=pipeline.DATA_DIR,
+                   help="directory with harmbench_standard.txt, benign_dev.txt, borderline_dev.txt (default: the repo's data/)")
     add("train-mrm", "train the multifurcation reward model on <build>/data (partial supervision)")
     add("train-prm", "train the value PRM for beam_prm on <build>/data")
     add("eval-rewards", "held-out quality of <build>/mrm and <build>/prm on the evaluation split")
@@ -79,7 +81,7 @@ def _run_reward_command(args, settings: Settings) -> None:
     out = args.build_dir or pipeline.default_build_dir(settings, args.quick)
     data = out / "data"
     if args.command == "build-rewards":
-        pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force)
+        pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force, data_dir=args.data_dir)
     elif args.command in ("train-mrm", "train-prm"):
         kind = args.command.removeprefix("train-")
         pipeline.train(kind, settings, data, out / kind, out / f"{kind}.json", quick=args.quick)

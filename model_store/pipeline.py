@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_store.evaluate import eval_asr, eval_prompts, eval_rewards
 from model_store.registry import ARTIFACTS_DIR, DEFAULT_MRM, DEFAULT_PRM, MARKER, resolve, verify_model_dir
-from model_store.rewards import BuildConfig, Policy, build_dataset, load_records
+from model_store.rewards import DATA_DIR, BuildConfig, Policy, build_dataset, load_records, split_prompts
 from model_store.train import TrainConfig, train_mrm, train_prm
 from service.config import Settings
 from service.errors import ModelNotFoundError
@@ -69,7 +69,10 @@ def _tokenizer(settings: Settings):
     return AutoTokenizer.from_pretrained(policy_dir(settings))
 
 
-def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, force: bool = False) -> Path:
+def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, force: bool = False, data_dir: Path = DATA_DIR) -> Path:
+    config = replace(QUICK_BUILD if quick else BuildConfig(), seed=seed)
+    for split in config.splits:
+        split_prompts(config, split, data_dir)  # refuse malformed prompt files before loading anything
     if force and out.exists():
         shutil.rmtree(out)
     path = policy_dir(settings)
@@ -77,8 +80,7 @@ def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: i
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         policy = Policy(model, _tokenizer(settings), settings.system_prompt)
-        config = replace(QUICK_BUILD if quick else BuildConfig(), seed=seed)
-        return build_dataset(out, policy, config, policy_info(settings))
+        return build_dataset(out, policy, config, policy_info(settings), data_dir)
     finally:
         torch.set_grad_enabled(True)
 

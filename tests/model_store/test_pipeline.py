@@ -78,3 +78,17 @@ def test_builder_refuses_a_dataset_built_with_other_settings(build: Path, capsys
     # The quick build's directory was made with seed 0; resuming it with another seed must not mix the two.
     assert main(["build-rewards", "--quick", "--seed", "1", "--build-dir", str(build)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_builder_refuses_a_malformed_prompt_file_before_loading_a_model(tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("harmbench_standard.txt", "benign_dev.txt", "borderline_dev.txt"):
+        (data / name).write_text("".join(f"prompt {i} of {name}\n" for i in range(1, 200)))
+    lines = (data / "benign_dev.txt").read_text().splitlines()
+    lines[1] = "   "  # line 2: blank
+    (data / "benign_dev.txt").write_text("\n".join(lines) + "\n")
+    assert main(["build-rewards", "--quick", "--data-dir", str(data), "--build-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'benign_dev.txt'}:2: empty line" in err, err
+    assert not (tmp_path / "out").exists()
