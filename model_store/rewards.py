@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ def read_prompts(prompt_set: PromptSet, data_dir: Path = DATA_DIR) -> list[Promp
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     if not 1 <= prompt_set.first <= prompt_set.last:
-        raise DatasetError(f"prompt set {prompt_set.source}: lines {prompt_set.first}..{prompt_set.last} is not a range")
+        raise DatasetError(f"prompt set {prompt_set.source} of {path}: lines {prompt_set.first}..{prompt_set.last} is not a range")
     if prompt_set.last > len(lines):
         raise DatasetError(f"prompt file {path} has {len(lines)} lines; the {prompt_set.source} set needs lines {prompt_set.first}..{prompt_set.last}")
     prompts, seen = [], {}
@@ -173,7 +174,7 @@ def read_prompts(prompt_set: PromptSet, data_dir: Path = DATA_DIR) -> list[Promp
         where = f"{path}:{n}"
         if not text.strip():
             raise DatasetError(f"{where}: empty line; the file must hold one prompt per line")
-        if any(ord(c) < 32 and c != "\t" for c in text):
+        if any(c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
             raise DatasetError(f"{where}: control character in the prompt")
         if len(text) > MAX_PROMPT_CHARS:
             raise DatasetError(f"{where}: prompt of {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
@@ -373,17 +374,21 @@ def build_dataset(out_dir: Path, policy: Policy, config: BuildConfig, policy_inf
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path, records_path = out_dir / MANIFEST, out_dir / RECORDS
     vocab = len(policy.tokenizer)
-    manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "policy": policy_info, "vocab_size": vocab, "chunks": {}, "complete": False}
+    plan = [(split, i, chunk) for split in config.splits for i, chunk in chunks_of(split_prompts(config, split, data_dir), config.chunk_prompts)]
+    prompts_sha256 = hashlib.sha256(json.dumps([dataclasses.asdict(p) for _, _, chunk in plan for p in chunk]).encode()).hexdigest()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "config": config.to_dict(), "policy": policy_info, "prompts_sha256": prompts_sha256,
+        "vocab_size": vocab, "chunks": {}, "complete": False,
+    }
     if manifest_path.exists():
         old = _read_manifest(out_dir)
-        if old["config"] != manifest["config"] or old["policy"] != policy_info:
-            raise DatasetError(f"{out_dir} holds a dataset built with other settings; use a new directory or --force")
+        if any(old.get(k) != manifest[k] for k in ("config", "policy", "prompts_sha256")):
+            raise DatasetError(f"{out_dir} holds a dataset built with other settings, policy or prompts; use a new directory or --force")
         manifest["chunks"] = _surviving_chunks(out_dir, old["chunks"])
     elif records_path.exists():
         records_path.unlink()  # records without a manifest cannot be trusted
     _write_manifest(out_dir, manifest)
 
-    plan = [(split, i, chunk) for split in config.splits for i, chunk in chunks_of(split_prompts(config, split, data_dir), config.chunk_prompts)]
     todo = [(s, i, c) for s, i, c in plan if f"{s}/{i}" not in manifest["chunks"]]
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="build-rewards", unit="chunk") as bar:
         for split, i, chunk in todo:
@@ -445,10 +450,18 @@ def load_records(data_dir: Path, split: str | None = None) -> list[RewardRecord]
     manifest = _read_manifest(data_dir)
     if not manifest.get("complete"):
         raise DatasetError(f"{data_dir}: the build did not finish; rerun `python -m model_store build-rewards` to resume it")
-    vocab = int(manifest["vocab_size"])
+    vocab = manifest.get("vocab_size")
+    if type(vocab) is not int or vocab < 1:
+        raise DatasetError(f"{data_dir / MANIFEST}: vocab_size must be a positive integer, got {vocab!r}")
     names = {f.name for f in dataclasses.fields(RewardRecord)}
     records = []
-    for n, line in enumerate((data_dir / RECORDS).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = (data_dir / RECORDS).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise DatasetError(f"{data_dir}: {RECORDS} is missing") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{data_dir / RECORDS} is not UTF-8 text (byte {e.start})") from e
+    for n, line in enumerate(lines, 1):
         where = f"{data_dir / RECORDS}:{n}"
         try:
             raw = json.loads(line)
@@ -458,12 +471,12 @@ def load_records(data_dir: Path, split: str | None = None) -> list[RewardRecord]
             raise DatasetError(f"{where}: a record has exactly the fields {sorted(names)}")
         rec = RewardRecord(**raw)
         ids, rewards = rec.response_ids, rec.rewards
+        if not isinstance(ids, list) or any(type(t) is not int or not 0 <= t < vocab for t in ids):
+            raise DatasetError(f"{where}: response_ids must be a list of integers in [0, {vocab})")
+        if not isinstance(rewards, list) or any(type(r) not in (int, float) or not 0.0 <= r <= 1.0 for r in rewards):
+            raise DatasetError(f"{where}: rewards must be a list of numbers in [0, 1]")
         if not ids or len(ids) != len(rewards):
             raise DatasetError(f"{where}: {len(ids)} response tokens but {len(rewards)} rewards")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise DatasetError(f"{where}: token ids must be integers in [0, {vocab})")
-        if any(not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0 for r in rewards):
-            raise DatasetError(f"{where}: rewards must be numbers in [0, 1]")
         if split is None or rec.split == split:
             records.append(rec)
     return records

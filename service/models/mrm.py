@@ -162,7 +162,8 @@ def apply_lora(base_model: nn.Module, adapter_config: dict, lora_state: dict[str
 
 def lora_state_of(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter weights as PEFT saves them (keys without the adapter name)."""
-    return get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+    # save_embedding_layers=False: the LoRA never touches embeddings, and "auto" would look the base up on the hub.
+    return get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
 
 
 def write_adapter(out_dir: Path, adapter_config: PeftConfig | dict, lora_state: dict[str, torch.Tensor]) -> None:
