@@ -4,6 +4,10 @@
 score is ``logit("safe") - logit("unsafe")`` at the answer position. It runs on any chat
 causal LM through the trie cache, so children of one beam share the prompt and response KV
 and only the classifier tail is forwarded per child — one PRM call per candidate child.
+
+``ValuePRM`` is the trained default (``model_store train-prm``): the policy backbone with a LoRA
+and a linear value head in place of the LM head, read after the last response token; it is
+trained on the same token-level rewards as the MRM, so beam_prm and saffron compare fairly.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from service.errors import ModelNotPreparedError
 from service.models.mrm import (
+    ADAPTER_CONFIG,
     ADAPTER_NAME,
+    ADAPTER_WEIGHTS,
     MRMTemplate,
     apply_lora,
     lora_state_of,
@@ -68,7 +74,7 @@ class GuardPRM:
 
 
 VALUE_HEAD = "value_head.safetensors"
-VALUE_PRM_FILES = ("adapter_config.json", "adapter_model.safetensors", VALUE_HEAD)
+VALUE_PRM_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, VALUE_HEAD)
 
 
 @dataclass
