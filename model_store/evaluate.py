@@ -106,14 +106,18 @@ def _backbone(policy_dir: Path):
 
 def eval_rewards(
     policy_dir: Path, tokenizer, records: list[RewardRecord], mrm_dir: Path, prm_dir: Path | None,
-    system_prompt: str, *, rollouts: int = 4, response_tokens: int = 32, top_p: float = 0.8, seed: int = 0,
+    system_prompt: str, *, mrm_scale: float = 1.0, rollouts: int = 4, response_tokens: int = 32, top_p: float = 0.8, seed: int = 0,
 ) -> dict:
-    """The held-out report described in the module docstring (``records`` = the evaluation split)."""
+    """The held-out report described in the module docstring (``records`` = the evaluation split).
+
+    ``mrm_scale``: the MRM was trained on mrm_scale × R; its outputs are divided by it for the MSE.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = MRMTemplate()
     mrm = load_mrm(_backbone(policy_dir), tokenizer, mrm_dir, name=str(mrm_dir))
     unseen = mrm.unseen_mask.cpu()
     preds = _predict(mrm.model, layout_examples(records, tokenizer, template, kind="mrm"), pad_id, kind="mrm")
+    preds = [[p / mrm_scale for p in ps] for ps in preds]
 
     seen_p, seen_t, unseen_count = [], [], 0
     by_kind: dict[str, tuple[list[float], list[float]]] = {}
@@ -130,6 +134,7 @@ def eval_rewards(
     report: dict = {
         "records": len(records),
         "mrm": {
+            "reward_scale": mrm_scale,
             "seen": token_metrics(seen_p, seen_t),
             "unseen_tokens": unseen_count,
             "unseen_share": _round(unseen_count / max(unseen_count + len(seen_p), 1)),

@@ -5,7 +5,8 @@ the same records with the same MSE objective, so the beam_prm baseline and Saffr
 
 MRM   f(x, y<t) ∈ R^V is the LM head's output (+ a trainable bias). For a record with rewards
       R(x, y≤t), one causal forward gives f(x, y<t) at every t and the loss touches ONLY the entry
-      of the token that came next: (f(x, y<t)[y_t] − R(x, y≤t))², averaged over response tokens
+      of the token that came next: (f(x, y<t)[y_t] − s·R(x, y≤t))², averaged over response tokens,
+      with s = ``mrm_reward_scale`` (10: the MRM's rewards estimate 10 × P(safe), from 0 to 10)
       (``partial_supervision_loss``). The bias starts at the per-token mean of R − f before
       training, so training begins near the best context-free fit. Tokens that never occur as
       y_t get no gradient through the loss and form the unseen mask.
@@ -45,6 +46,14 @@ class TrainConfig:
     lr: float = 2e-3  # LoRA weights
     head_lr: float = 2e-2  # the MRM's LM-head bias (the PRM's value head uses lr)
     max_records: int | None = None  # train on the first n records only (--quick)
+    # The MRM learns reward_scale × R: its outputs are LM-head logits, whose context-to-context swing
+    # (several units) would drown a [0, 1] target; scaled, the safety signal outweighs that noise.
+    # Rewards are only ranked by the search, so the unit does not matter there (see MODEL_CARD.md).
+    mrm_reward_scale: float = 10.0
+    # Benign records (every token labelled 1.0) are left out by default: the MRM's context-free LM-head bias
+    # learnt "words of ordinary answers are safe" from them and ranked "Hello"/"We" above "I" (as in "I'm
+    # sorry") on harmful prompts (MODEL_CARD.md). Both models see the same records either way.
+    include_benign: bool = False
 
 
 @dataclass
@@ -242,6 +251,7 @@ class _Run:
     """What both trainers start from: laid-out examples and a fresh LoRA-wrapped backbone."""
 
     train: list[RewardRecord]
+    held_out: list[RewardRecord]
     train_ex: list[Example]
     held_ex: list[Example]
     pad_id: int
@@ -251,19 +261,21 @@ class _Run:
     def lora_params(self) -> list[nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
 
-    def report(self, kind: str, config: TrainConfig, held_out: list[RewardRecord], curve: dict, **extra) -> dict:
+    def report(self, kind: str, config: TrainConfig, curve: dict, **extra) -> dict:
         return {
-            "kind": kind, "config": asdict(config), "train_records": len(self.train), "held_out_records": len(held_out),
+            "kind": kind, "config": asdict(config), "train_records": len(self.train), "held_out_records": len(self.held_out),
             "train_tokens": sum(len(e.targets) for e in self.train_ex), **extra, **curve,
         }
 
 
 def _start(kind: str, policy_dir: Path, tokenizer, train: list[RewardRecord], held_out: list[RewardRecord], config: TrainConfig, base_name: str | None) -> _Run:
     torch.manual_seed(config.seed)
+    if not config.include_benign:
+        train, held_out = [r for r in train if r.harmful], [r for r in held_out if r.harmful]
     train = train[: config.max_records] if config.max_records else train
     template = MRMTemplate()
     peft_model = _lora(_load_backbone(policy_dir), config, base_name)
-    return _Run(train, layout_examples(train, tokenizer, template, kind=kind), layout_examples(held_out, tokenizer, template, kind=kind),
+    return _Run(train, held_out, layout_examples(train, tokenizer, template, kind=kind), layout_examples(held_out, tokenizer, template, kind=kind),
                 _pad_id(tokenizer), peft_model)
 
 
@@ -273,14 +285,18 @@ def train_mrm(
 ) -> dict:
     """Train and save an MRM in the Saffron-1 layout; returns its training report."""
     run = _start("mrm", policy_dir, tokenizer, train, held_out, config, base_name)
+    for e in run.train_ex + run.held_ex:
+        e.targets = [t * config.mrm_reward_scale for t in e.targets]
     vocab = run.peft_model.get_output_embeddings().out_features
     unseen = ~seen_tokens(run.train, vocab)
     held_ex = restrict(run.held_ex, ~unseen, HELD_OUT_CURVE_RECORDS)  # the search never steps onto unseen tokens
     head = _MRMHead(run.peft_model, _initial_bias(run.peft_model, run.train_ex, vocab, config, run.pad_id))
     groups = [{"params": run.lora_params, "lr": config.lr}, {"params": [head.bias], "lr": config.head_lr}]
     curve = _fit(head, groups, run.train_ex, held_ex, config, run.pad_id, "train-mrm")
+    for key in ("train_mse", "held_out_mse"):  # report in the units of R, like the PRM
+        curve[key] = [m / config.mrm_reward_scale**2 for m in curve[key]]
     save_mrm(out_dir, run.peft_model, None, head.bias.detach(), unseen)
-    return run.report("mrm", config, held_out, curve, seen_tokens=int((~unseen).sum()), vocab_size=vocab)
+    return run.report("mrm", config, curve, seen_tokens=int((~unseen).sum()), vocab_size=vocab)
 
 
 def train_prm(
@@ -294,4 +310,4 @@ def train_prm(
     groups = [{"params": run.lora_params, "lr": config.lr}, {"params": list(head.value.parameters()), "lr": config.lr}]
     curve = _fit(head, groups, run.train_ex, run.held_ex[:HELD_OUT_CURVE_RECORDS], config, run.pad_id, "train-prm")
     save_value_prm(out_dir, run.peft_model, head.value)
-    return run.report("prm", config, held_out, curve)
+    return run.report("prm", config, curve)

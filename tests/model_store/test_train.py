@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -346,3 +347,13 @@ def test_value_prm_with_random_lora_round_trips(tmp_path: Path, policy_dir: Path
         model, _ = load_value_prm(fresh_base(policy_dir), tokenizer, tmp_path / "prm", "tiny")
         got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("include_benign", [False, True])
+def test_benign_records_are_left_out_unless_asked_for(tmp_path: Path, policy_dir: Path, tokenizer, include_benign: bool):
+    benign = dataclasses.replace(rec("bake bread", [62, 63], [1.0, 1.0], n=9), harmful=False)
+    config = TrainConfig(epochs=1, batch_size=2, include_benign=include_benign)
+    report = train_mrm(policy_dir, tokenizer, [*TRAIN_RECORDS, benign], [], tmp_path / "mrm", config)
+    seen = {i for (i,) in nonzero_entries(~torch.load(tmp_path / "mrm" / "unseen_mask.pt", weights_only=True))}
+    assert seen == (TRAIN_TOKENS | {62, 63} if include_benign else TRAIN_TOKENS)
+    assert report["train_records"] == len(TRAIN_RECORDS) + include_benign
