@@ -7,8 +7,9 @@ MRM   f(x, y<t) ∈ R^V is the LM head's output (+ a trainable bias). For a reco
       R(x, y≤t), one causal forward gives f(x, y<t) at every t and the loss touches ONLY the entry
       of the token that came next: (f(x, y<t)[y_t] − s·R(x, y≤t))², averaged over response tokens,
       with s = ``mrm_reward_scale`` (10: the MRM's rewards estimate 10 × P(safe), from 0 to 10)
-      (``partial_supervision_loss``). The bias starts at the per-token mean of R − f before
-      training, so training begins near the best context-free fit. Tokens that never occur as
+      (``partial_supervision_loss``). The bias starts at the per-token mean of s·R − f before
+      training (shrunk towards a low prior for tokens seen only a few times), so training begins
+      near the best context-free fit. Tokens that never occur as
       y_t get no gradient through the loss and form the unseen mask.
       Saved in the Saffron-1 layout (``service.models.mrm.save_mrm``).
 PRM   g(x, y≤t) ∈ R is a linear value head on the last hidden state after y_t; one forward scores
@@ -54,6 +55,11 @@ class TrainConfig:
     # learnt "words of ordinary answers are safe" from them and ranked "Hello"/"We" above "I" (as in "I'm
     # sorry") on harmful prompts (MODEL_CARD.md). Both models see the same records either way.
     include_benign: bool = False
+    # The MRM bias starts at a shrunk per-token mean: (Σ (s·R − f) + k·q) / (n + k), q = this quantile of all
+    # residuals. A token supervised a handful of times keeps a conservative (low) reward instead of the
+    # residual of the one context it was sampled in — that residual made rare tokens ("We") outrank "I".
+    bias_prior_weight: float = 8.0  # k, in pseudo-observations
+    bias_prior_quantile: float = 0.05
 
 
 @dataclass
@@ -232,18 +238,24 @@ def _pad_id(tokenizer) -> int:
 
 @torch.no_grad()
 def _initial_bias(peft_model, examples: list[Example], vocab: int, config: TrainConfig, pad_id: int) -> torch.Tensor:
-    """Per-token mean of (target − logit) over the supervised entries: the best context-free offset."""
+    """Per-token mean of (target − logit), shrunk towards a conservative prior for rarely seen tokens."""
     sums = torch.zeros(vocab, dtype=torch.float64)
     counts = torch.zeros(vocab, dtype=torch.float64)
+    residuals = []
     peft_model.eval()
     for batch_examples in tqdm(_batches(examples, config.batch_size, None), desc="mrm bias init", unit="batch"):
         batch = collate(batch_examples, pad_id)
         logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        picked = logits[batch["rows"], batch["positions"], batch["tokens"]].double()
-        sums.index_add_(0, batch["tokens"], batch["targets"].double() - picked)
-        counts.index_add_(0, batch["tokens"], torch.ones_like(picked))
+        residual = batch["targets"].double() - logits[batch["rows"], batch["positions"], batch["tokens"]].double()
+        sums.index_add_(0, batch["tokens"], residual)
+        counts.index_add_(0, batch["tokens"], torch.ones_like(residual))
+        residuals.append(residual)
     peft_model.train()
-    return (sums / counts.clamp(min=1)).float()
+    if not residuals:
+        return torch.zeros(vocab)
+    prior = torch.quantile(torch.cat(residuals), config.bias_prior_quantile)
+    k = config.bias_prior_weight
+    return torch.where(counts > 0, (sums + k * prior) / (counts + k), 0.0).float()  # unseen tokens are masked anyway
 
 
 @dataclass

@@ -357,3 +357,27 @@ def test_benign_records_are_left_out_unless_asked_for(tmp_path: Path, policy_dir
     seen = {i for (i,) in nonzero_entries(~torch.load(tmp_path / "mrm" / "unseen_mask.pt", weights_only=True))}
     assert seen == (TRAIN_TOKENS | {62, 63} if include_benign else TRAIN_TOKENS)
     assert report["train_records"] == len(TRAIN_RECORDS) + include_benign
+
+
+def test_initial_bias_is_the_per_token_mean_residual_shrunk_towards_a_low_prior(tokenizer):
+    vocab = len(tokenizer)
+    peft_model = train._lora(tiny_llama(vocab), TrainConfig(), None)
+    config = TrainConfig(batch_size=2, bias_prior_weight=3.0, bias_prior_quantile=0.1)
+    examples = layout_examples(TRAIN_RECORDS, tokenizer, MRMTemplate(), kind="mrm")
+    bias = train._initial_bias(peft_model, examples, vocab, config, tokenizer.eos_token_id)
+
+    # The residuals target − logit, computed independently, one example at a time.
+    residuals: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for e in examples:
+            logits = peft_model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            for pos, tok, target in zip(e.positions, e.tokens, e.targets):
+                residuals.setdefault(tok, []).append(target - logits[pos, tok].item())
+    prior = torch.quantile(torch.tensor([r for rs in residuals.values() for r in rs], dtype=torch.float64), 0.1).item()
+    for tok in range(vocab):
+        rs = residuals.get(tok, [])
+        expected = (sum(rs) + 3.0 * prior) / (len(rs) + 3.0) if rs else 0.0
+        assert bias[tok].item() == pytest.approx(expected, abs=1e-4), tok
+    # A token seen once sits closer to the prior than to its one residual.
+    once = next(t for t, rs in residuals.items() if len(rs) == 1)
+    assert abs(bias[once].item() - prior) < abs(bias[once].item() - residuals[once][0])
