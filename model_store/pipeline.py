@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_store.evaluate import eval_asr, eval_prompts, eval_rewards
-from model_store.registry import ARTIFACTS_DIR, DEFAULT_MRM, DEFAULT_PRM, MARKER, resolve, verify_model_dir
+from model_store.registry import ARTIFACTS_DIR, MARKER, TRAINED_MRM, TRAINED_PRM, resolve, verify_model_dir
 from model_store.rewards import DATA_DIR, BuildConfig, Policy, build_dataset, load_records, split_prompts
 from model_store.train import TrainConfig, train_mrm, train_prm
 from service.config import Settings
@@ -156,7 +156,7 @@ INSTALLED = ("mrm.json", "prm.json", "eval_rewards.json", "eval_asr.json", "timi
 
 def install(out: Path) -> None:
     """Copy a finished build into model_store/artifacts (the committed defaults)."""
-    for name, src in ((DEFAULT_MRM, out / "mrm"), (DEFAULT_PRM, out / "prm")):
+    for name, src in ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm")):
         dst = ARTIFACTS_DIR / name
         if dst.exists():
             shutil.rmtree(dst)

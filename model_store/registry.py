@@ -27,8 +27,8 @@ ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 MARKER = ".prepared.json"  # written last into a prepared directory; lists every file with its size and sha256
 PREPARE_COMMAND = "python -m model_store prepare"
 DEFAULT_POLICY = "smollm2-135m-instruct"
-DEFAULT_MRM = "smollm2-135m-saffron-mrm"
-DEFAULT_PRM = "smollm2-135m-safety-prm"
+TRAINED_MRM = "smollm2-135m-saffron-mrm"
+TRAINED_PRM = "smollm2-135m-safety-prm"
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -69,7 +69,7 @@ REGISTRY: dict[str, ModelSpec] = {
             ),
         ),
         ModelSpec(
-            name=DEFAULT_MRM,
+            name=TRAINED_MRM,
             kind="mrm",
             source=COMMITTED,
             base=DEFAULT_POLICY,
@@ -80,7 +80,7 @@ REGISTRY: dict[str, ModelSpec] = {
             ),
         ),
         ModelSpec(
-            name=DEFAULT_PRM,
+            name=TRAINED_PRM,
             kind="prm",
             source=COMMITTED,
             base=DEFAULT_POLICY,

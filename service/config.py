@@ -36,8 +36,10 @@ class Settings(BaseSettings):
 
     # Models: a registry name (see model_store.registry), a local directory or a hub id.
     policy_model: str = "smollm2-135m-instruct"
-    mrm_model: str = "smollm2-135m-saffron-mrm"  # trained, committed (model_store/artifacts)
-    prm_model: str = "smollm2-135m-safety-prm"  # trained, committed; used by beam_prm only
+    # The trained smollm2-135m-saffron-mrm / -safety-prm (model_store/artifacts) are opt-in: guided by them the
+    # search degenerates into repeated tokens ("safe safe safe") on most prompts (MODEL_CARD.md).
+    mrm_model: str = "untrained-placeholder-mrm"
+    prm_model: str = "zero-shot-guard-prm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

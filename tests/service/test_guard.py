@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from model_store.registry import DEFAULT_MRM, DEFAULT_PRM
+from model_store.registry import TRAINED_MRM, TRAINED_PRM
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.guard import GenerationResult, Guard
@@ -26,18 +26,20 @@ def guard() -> Guard:
     return Guard.from_settings()
 
 
-def assert_trained_reward_models(result: GenerationResult) -> None:
+def assert_placeholder_warning(result: GenerationResult) -> None:
     info = result.reward_models
-    assert (info["mrm"], info["prm"]) == (DEFAULT_MRM, DEFAULT_PRM), info
-    assert info["mrm_trained"] is True and info["prm_trained"] is True and "warning" not in info, info
-
-
-def test_placeholder_mrm_is_flagged_in_every_result():
-    guard = Guard.from_settings(Settings(mrm_model="untrained-placeholder-mrm", prm_model="zero-shot-guard-prm"))
-    result = guard.generate(PROMPT, strategy="saffron", budget=2, max_new_tokens=4, min_new_tokens=0)
-    info = result.reward_models
-    assert info["mrm_trained"] is False and info["prm_trained"] is False, info
+    assert info["mrm_trained"] is False, info
     assert "warning" in info and info["mrm"] in info["warning"] and "UNTRAINED PLACEHOLDER" in info["warning"], info
+
+
+@pytest.mark.parametrize("strategy", ["saffron", "beam_prm"])
+def test_the_committed_trained_reward_models_load_and_guide_the_search(strategy: str):
+    guard = Guard.from_settings(Settings(mrm_model=TRAINED_MRM, prm_model=TRAINED_PRM))
+    result = guard.generate(PROMPT, strategy=strategy, budget=2, max_new_tokens=4, min_new_tokens=0)
+    info = result.reward_models
+    assert (info["mrm"], info["prm"]) == (TRAINED_MRM, TRAINED_PRM), info
+    assert info["mrm_trained"] is True and info["prm_trained"] is True and "warning" not in info, info
+    assert result.stats["reward_forward_tokens"] > 0 and len(result.token_ids) in (4, *range(1, 4)) and result.reward is not None
 
 
 @pytest.mark.parametrize("strategy", ["none", "best_of_n", "beam_prm", "saffron"])
@@ -64,7 +66,7 @@ def test_each_strategy_returns_a_full_result(guard: Guard, strategy: str):
         assert s["reward_calls"] > 0, s
     if strategy in ("saffron", "beam_prm"):  # the judge (best_of_n) forwards no tokens
         assert s["reward_forward_tokens"] > 0, s
-    assert_trained_reward_models(result)
+    assert_placeholder_warning(result)
     assert result.params["strategy"] == strategy and result.params["budget"] == 2
     out = result.to_dict()
     assert out["stats"] == s
