@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from model_store import rewards
 from model_store.rewards import (
@@ -33,24 +32,7 @@ from model_store.rewards import (
     read_prompts,
     seen_tokens,
 )
-
-CHARS = "\n :<>/|_?!.,'-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (BPE without merges), decoded by concatenation, with a tiny chat template."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from tests.model_store.tiny import char_tokenizer
 
 
 def tiny_policy() -> Policy:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from model_store import train
@@ -26,19 +25,13 @@ from model_store.train import (
 )
 from service.models.mrm import ARTIFACT_FILES, MRMTemplate, load_mrm, save_mrm
 from service.models.prm import VALUE_HEAD, ValuePRM, load_value_prm, save_value_prm
-
-CHARS = "\n :<>/|_?!.,'-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from tests.model_store.tiny import char_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, with a bos token (the MRM layout starts with it)."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return char_tokenizer()
 
 
 def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
