@@ -74,7 +74,7 @@ def _reward_commands(commands) -> None:
     a.add_argument("--budget", type=int, default=8)
     r = add("rebuild", "all of the above in order, then plot <build>/report.png")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--install", action="store_true", help="copy the results into model_store/artifacts (the defaults)")
+    r.add_argument("--install", action="store_true", help="copy the results into model_store/artifacts (the committed trained models)")
 
 
 def _run_reward_command(args, settings: Settings) -> None:

@@ -8,9 +8,10 @@
     <out>/eval_rewards.json   held-out reward-model quality (model_store.evaluate.eval_rewards)
     <out>/eval_asr.json       ASR / over-refusal of none vs saffron through the Guard
     <out>/report.png          training curves and the ASR comparison
+    <out>/timings.json        wall time of each step
 
 ``--install`` then copies mrm/, prm/ and the reports into model_store/artifacts/, where the
-default configuration loads them. ``--quick`` runs every step on tiny settings (minutes; CI).
+registry names smollm2-135m-saffron-mrm / smollm2-135m-safety-prm load them. ``--quick`` runs every step on tiny settings (minutes; CI).
 Every step resumes or overwrites only its own outputs, so a step can be rerun alone.
 """
 

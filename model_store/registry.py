@@ -75,8 +75,9 @@ REGISTRY: dict[str, ModelSpec] = {
             base=DEFAULT_POLICY,
             trained=True,
             description=(
-                "The default MRM: LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
-                "partial supervision on the project's token-level safety rewards (model_store/artifacts/MODEL_CARD.md)."
+                "Trained MRM (opt-in): LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
+                "partial supervision on the project's token-level safety rewards. Guided by it the search still "
+                "degenerates; read model_store/artifacts/MODEL_CARD.md first."
             ),
         ),
         ModelSpec(
@@ -86,8 +87,8 @@ REGISTRY: dict[str, ModelSpec] = {
             base=DEFAULT_POLICY,
             trained=True,
             description=(
-                "The default PRM for beam_prm: LoRA r=4 + a linear value head on the policy backbone, trained on the "
-                "same token-level rewards as the MRM (one scalar per partial answer)."
+                "Trained PRM for beam_prm (opt-in): LoRA r=4 + a linear value head on the policy backbone, trained on "
+                "the same token-level rewards as the MRM (one scalar per partial answer)."
             ),
         ),
         ModelSpec(
