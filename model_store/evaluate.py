@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from model_store.rewards import EVAL_SETS, Policy, Prompt, RewardRecord, outcome_safe, read_prompts
 from model_store.train import Example, collate, layout_examples
 from service.models import judge
+from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm
 from service.models.prm import load_value_prm
 from service.search.calls import mask_unseen
@@ -112,7 +113,7 @@ def eval_rewards(
 
     ``mrm_scale``: the MRM was trained on mrm_scale × R; its outputs are divided by it for the MSE.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     template = MRMTemplate()
     mrm = load_mrm(_backbone(policy_dir), tokenizer, mrm_dir, name=str(mrm_dir))
     unseen = mrm.unseen_mask.cpu()

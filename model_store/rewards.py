@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from service.errors import SaffronError
 from service.models import judge
+from service.models.bundle import eos_token_ids, pad_token_id
 
 FORMAT = "saffron-token-rewards"
 VERSION = 1
@@ -216,11 +217,8 @@ class Policy:
 
     def __init__(self, model, tokenizer, system_prompt: str):
         self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
-        self.eos_ids = {tokenizer.eos_token_id}
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        self.eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.eos_ids.discard(None)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self._prefix: dict[str, list[int]] = {}
 
     def prefix(self, prompt: str) -> list[int]:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from model_store.rewards import RewardRecord, seen_tokens
+from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, save_mrm
 from service.models.prm import save_value_prm
 
@@ -232,10 +233,6 @@ def _load_backbone(policy_dir: Path) -> nn.Module:
     return model
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def _initial_bias(peft_model, examples: list[Example], vocab: int, config: TrainConfig, pad_id: int) -> torch.Tensor:
     """Per-token mean of (target − logit), shrunk towards a conservative prior for rarely seen tokens."""
@@ -288,7 +285,7 @@ def _start(kind: str, policy_dir: Path, tokenizer, train: list[RewardRecord], he
     template = MRMTemplate()
     peft_model = _lora(_load_backbone(policy_dir), config, base_name)
     return _Run(train, held_out, layout_examples(train, tokenizer, template, kind=kind), layout_examples(held_out, tokenizer, template, kind=kind),
-                _pad_id(tokenizer), peft_model)
+                pad_token_id(tokenizer), peft_model)
 
 
 def train_mrm(

@@ -54,6 +54,20 @@ def load_causal_lm(name: str, settings: Settings):
     return model, tokenizer
 
 
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every id that ends an answer: the tokenizer's EOS and any the generation config lists."""
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    eos.discard(None)
+    return frozenset(eos)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The padding id for batches (masked out): the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class ModelBundle:
     """Everything a search needs, loaded once per process."""
@@ -116,10 +130,6 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     device, dtype = select_device(settings)
     logger.info("loading models on %s (%s)", device, dtype)
     policy_model, tokenizer = load_causal_lm(settings.policy_model, settings)
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(policy_model.generation_config, "eos_token_id", None)
-    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    eos.discard(None)
 
     mrm_spec = resolve(settings.mrm_model, settings)
     if mrm_spec.spec is not None and not mrm_spec.spec.trained:
@@ -134,7 +144,7 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
         tokenizer=tokenizer,
         policy=_engine(policy_model, settings, use_cache, "policy"),
         policy_params=count_parameters(policy_model),
-        eos_ids=frozenset(eos),
+        eos_ids=eos_token_ids(policy_model, tokenizer),
         mrm=mrm,
         mrm_engine=_engine(mrm.model, settings, use_cache, "mrm"),
         mrm_params=count_parameters(mrm.model),
