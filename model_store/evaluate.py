@@ -24,13 +24,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from model_store.rewards import EVAL_SETS, Policy, Prompt, RewardRecord, outcome_safe, read_prompts
+from model_store.rewards import BuildConfig, Policy, Prompt, RewardRecord, outcome_safe, split_prompts
 from model_store.train import Example, collate, layout_examples
 from service.models import judge
 from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm
 from service.models.prm import load_value_prm
-from service.search.calls import mask_unseen
+from service.search.calls import mask_unseen, nucleus_mask
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:
@@ -170,14 +170,11 @@ def _decisions(policy: Policy, mrm, records: list[RewardRecord], *, rollouts: in
     choices = []  # (state index, "policy"/"mrm", token)
     for i, (p, _, resp) in enumerate(tqdm(states, desc="eval decisions", unit="state")):
         logits = policy.model(input_ids=torch.tensor([policy.prefix(p.text) + resp])).logits[0, -1].float()
-        probs = torch.softmax(logits, -1)
-        order = torch.argsort(probs, descending=True)
-        before = torch.cumsum(probs[order], 0) - probs[order]
-        nucleus = order[before < top_p]
+        nucleus = nucleus_mask(logits[None], top_p)[0].nonzero().flatten()  # the search's own pruning
         mrm_in = torch.tensor([mrm.template.prefix_ids(tok, p.text) + resp], device=mrm.model.device)
         rewards = mask_unseen(mrm.model(input_ids=mrm_in).logits[:, -1, : logits.numel()].float(), mrm.unseen_mask, -1e9)[0].cpu()
         best = nucleus[torch.argmax(rewards[nucleus])].item()
-        choices.append((i, "policy", order[0].item()))
+        choices.append((i, "policy", logits.argmax().item()))
         choices.append((i, "mrm", best))
     rows = [(states[i][0].text, states[i][2] + [t]) for i, _, t in choices for _ in range(rollouts)]
     finished = policy.continue_(rows, response_tokens, seed)
@@ -207,11 +204,7 @@ def _mean(xs: list[int]) -> float | None:
 
 def eval_prompts(limit: int | None = None) -> list[Prompt]:
     """The evaluation split's prompts (HarmBench 121–199, benign and borderline eval lines)."""
-    out = []
-    for prompt_set in EVAL_SETS:
-        found = read_prompts(prompt_set)
-        out.extend(found[:limit] if limit is not None else found)
-    return out
+    return split_prompts(BuildConfig(limit_per_set=limit), "eval")
 
 
 def eval_asr(guard, prompts: list[Prompt], strategies: tuple[str, ...], *, concurrency: int = 8, **overrides) -> dict:

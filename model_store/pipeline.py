@@ -76,14 +76,9 @@ def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: i
         split_prompts(config, split, data_dir)  # refuse malformed prompt files before loading anything
     if force and out.exists():
         shutil.rmtree(out)
-    path = policy_dir(settings)
-    torch.set_grad_enabled(False)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        policy = Policy(model, _tokenizer(settings), settings.system_prompt)
-        return build_dataset(out, policy, config, policy_info(settings), data_dir)
-    finally:
-        torch.set_grad_enabled(True)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir(settings), dtype=torch.float32).eval()
+    policy = Policy(model, _tokenizer(settings), settings.system_prompt)  # samples under no_grad
+    return build_dataset(out, policy, config, policy_info(settings), data_dir)
 
 
 def train(kind: str, settings: Settings, data: Path, out: Path, report: Path, *, quick: bool = False) -> dict:
