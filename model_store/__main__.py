@@ -18,7 +18,7 @@ from model_store.registry import COMMITTED, REGISTRY, resolve, verify_model_dir
 from service.config import Settings
 from service.errors import ModelNotPreparedError, SaffronError
 from service.models.mrm import load_mrm_artifacts
-from service.models.prm import VALUE_PRM_FILES
+from service.models.prm import check_value_prm_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +137,7 @@ def _check_committed(role: str, path: Path) -> None:
     if role == "mrm":
         load_mrm_artifacts(path)
         return
-    missing = [f for f in VALUE_PRM_FILES if not (path / f).is_file()]
-    if missing:
-        raise ModelNotPreparedError(f"{path} is missing {', '.join(missing)}; rebuild with `python -m model_store rebuild --install`")
+    check_value_prm_files(path)
 
 
 def _is_prepared(path: Path) -> bool:

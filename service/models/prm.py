@@ -111,6 +111,16 @@ def save_value_prm(out_dir, peft_model, value_head: torch.nn.Linear):
     return out_dir
 
 
+def check_value_prm_files(prm_dir: Path) -> None:
+    """Raise ModelNotPreparedError naming any of the value PRM's files that is missing."""
+    missing = [f for f in VALUE_PRM_FILES if not (prm_dir / f).is_file()]
+    if missing:
+        raise ModelNotPreparedError(
+            f"PRM directory {prm_dir} is missing {', '.join(missing)}; a value PRM holds {', '.join(VALUE_PRM_FILES)} "
+            "(`python -m model_store rebuild --install` rebuilds the committed one)"
+        )
+
+
 def load_value_prm(base_model: torch.nn.Module, tokenizer, prm_dir, name: str) -> tuple[torch.nn.Module, ValuePRM]:
     """Apply the PRM's LoRA to base_model (in place, merged) and replace its LM head by the value head.
 
@@ -118,9 +128,7 @@ def load_value_prm(base_model: torch.nn.Module, tokenizer, prm_dir, name: str) -
     missing files, ValueError when the head does not fit the backbone.
     """
     prm_dir = Path(prm_dir)
-    missing = [f for f in VALUE_PRM_FILES if not (prm_dir / f).is_file()]
-    if missing:
-        raise ModelNotPreparedError(f"PRM directory {prm_dir} is missing {', '.join(missing)}; a value PRM holds {', '.join(VALUE_PRM_FILES)}")
+    check_value_prm_files(prm_dir)
     adapter_config, lora_state = read_adapter(prm_dir)
     head_state = load_file(prm_dir / VALUE_HEAD, device="cpu")
     hidden = base_model.config.hidden_size
