@@ -295,11 +295,10 @@ def build_chunk(policy: Policy, config: BuildConfig, split: str, chunk_index: in
     harmful = [p for p in prompts if p.harmful]
 
     # 1. Samples: prompt_samples per harmful prompt (R at t = 0, the plain record, prefill sources); one per benign.
-    rows = [(p.text, []) for p in harmful for _ in range(config.prompt_samples)] + [(p.text, []) for p in prompts if not p.harmful]
-    samples = policy.continue_(rows, L, _derive_seed(seed, "samples"))
+    sampled = [p for p in harmful for _ in range(config.prompt_samples)] + [p for p in prompts if not p.harmful]
+    samples = policy.continue_([(p.text, []) for p in sampled], L, _derive_seed(seed, "samples"))
     by_prompt: dict[str, list[list[int]]] = {}
-    harmful_rows = [p for p in harmful for _ in range(config.prompt_samples)] + [p for p in prompts if not p.harmful]
-    for p, s in zip(harmful_rows, samples):
+    for p, s in zip(sampled, samples):
         by_prompt.setdefault(p.id, []).append(s)
 
     # 2. The forced responses: the prefilling attack and a refusal opener, each continued by the policy.
@@ -407,16 +406,16 @@ def _surviving_chunks(out_dir: Path, chunks: dict[str, int]) -> dict[str, int]:
     path = out_dir / RECORDS
     if not path.exists():
         return {}
-    kept_lines, counts = [], {}
+    lines, counts = [], {}  # (chunk, line) of every whole line
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             chunk = json.loads(line)["chunk"]
         except (ValueError, KeyError, TypeError):
             break  # a torn last line
-        kept_lines.append(line)
+        lines.append((chunk, line))
         counts[chunk] = counts.get(chunk, 0) + 1
     done = {c: n for c, n in chunks.items() if counts.get(c) == n}
-    kept = [line for line in kept_lines if json.loads(line)["chunk"] in done]
+    kept = [line for chunk, line in lines if chunk in done]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     return done
 
