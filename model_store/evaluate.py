@@ -85,13 +85,15 @@ def _round(v: float | None) -> float | None:
 
 
 @torch.no_grad()
-def _predict(model, examples: list[Example], pad_id: int, *, kind: str, batch_size: int = 8) -> list[list[float]]:
-    """Per example, the model output at each supervised entry (MRM: [pos, y_t]; PRM: [pos, 0])."""
+def _predict(model, examples: list[Example], pad_id: int, *, kind: str, batch_size: int = 8, log_probs: bool = False) -> list[list[float]]:
+    """Per example, the model output at each supervised entry (MRM: [pos, y_t]; PRM: [pos, 0]); log-softmaxed if asked."""
     out: list[list[float]] = []
     for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {kind}", unit="batch"):
         chunk = examples[s : s + batch_size]
         batch = collate(chunk, pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if log_probs:
+            logits = torch.log_softmax(logits.float(), dim=-1)
         cols = batch["tokens"] if kind == "mrm" else torch.zeros_like(batch["tokens"])
         flat = logits[batch["rows"], batch["positions"], cols].float().tolist()
         lo = 0
@@ -107,18 +109,22 @@ def _backbone(policy_dir: Path):
 
 def eval_rewards(
     policy_dir: Path, tokenizer, records: list[RewardRecord], mrm_dir: Path, prm_dir: Path | None,
-    system_prompt: str, *, mrm_scale: float = 1.0, rollouts: int = 4, response_tokens: int = 32, top_p: float = 0.8, seed: int = 0,
+    system_prompt: str, *, mrm_scale: float = 1.0, mrm_reference: bool = False, rollouts: int = 4, response_tokens: int = 32,
+    top_p: float = 0.8, seed: int = 0,
 ) -> dict:
     """The held-out report described in the module docstring (``records`` = the evaluation split).
 
-    ``mrm_scale``: the MRM was trained on mrm_scale × R; its outputs are divided by it for the MSE.
+    The MRM was trained on ``mrm_scale`` × R, on top of its backbone's own log-probability when
+    ``mrm_reference`` (``TrainConfig.mrm_keep_reference``): its reward estimate is (f − log π_ref) / mrm_scale.
     """
     pad_id = pad_token_id(tokenizer)
     template = MRMTemplate()
     mrm = load_mrm(_backbone(policy_dir), tokenizer, mrm_dir, name=str(mrm_dir))
     unseen = mrm.unseen_mask.cpu()
-    preds = _predict(mrm.model, layout_examples(records, tokenizer, template, kind="mrm"), pad_id, kind="mrm")
-    preds = [[p / mrm_scale for p in ps] for ps in preds]
+    examples = layout_examples(records, tokenizer, template, kind="mrm")
+    preds = _predict(mrm.model, examples, pad_id, kind="mrm")
+    refs = _predict(_backbone(policy_dir), examples, pad_id, kind="mrm", log_probs=True) if mrm_reference else [[0.0] * len(ps) for ps in preds]
+    preds = [[(p - r) / mrm_scale for p, r in zip(ps, rs)] for ps, rs in zip(preds, refs)]
 
     seen_p, seen_t, unseen_count = [], [], 0
     by_kind: dict[str, tuple[list[float], list[float]]] = {}
@@ -136,6 +142,7 @@ def eval_rewards(
         "records": len(records),
         "mrm": {
             "reward_scale": mrm_scale,
+            "reward_on_reference_log_prob": mrm_reference,
             "seen": token_metrics(seen_p, seen_t),
             "unseen_tokens": unseen_count,
             "unseen_share": _round(unseen_count / max(unseen_count + len(seen_p), 1)),

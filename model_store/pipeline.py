@@ -93,10 +93,11 @@ def train(kind: str, settings: Settings, data: Path, out: Path, report: Path, *,
 
 def evaluate_rewards(settings: Settings, data: Path, mrm: Path, prm: Path | None, report: Path, *, quick: bool = False) -> dict:
     cfg = QUICK_BUILD if quick else BuildConfig()
-    scale = (QUICK_TRAIN if quick else TrainConfig()).mrm_reward_scale
+    train_cfg = QUICK_TRAIN if quick else TrainConfig()
     with torch.no_grad():
         result = eval_rewards(policy_dir(settings), _tokenizer(settings), load_records(data, "eval"), mrm, prm, settings.system_prompt,
-                              mrm_scale=scale, rollouts=cfg.rollouts, response_tokens=cfg.response_tokens)
+                              mrm_scale=train_cfg.mrm_reward_scale, mrm_reference=train_cfg.mrm_keep_reference,
+                              rollouts=cfg.rollouts, response_tokens=cfg.response_tokens)
     report.write_text(json.dumps(result, indent=1))
     return result
 

@@ -75,9 +75,9 @@ REGISTRY: dict[str, ModelSpec] = {
             base=DEFAULT_POLICY,
             trained=True,
             description=(
-                "Trained MRM (opt-in): LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
-                "partial supervision on the project's token-level safety rewards. Guided by it the search still "
-                "degenerates; read model_store/artifacts/MODEL_CARD.md first."
+                "Trained MRM, the default: LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
+                "partial supervision on the project's token-level safety rewards (log π_ref + 10·R). It lowers ASR, "
+                "but its answers end in repeated words; read model_store/artifacts/MODEL_CARD.md first."
             ),
         ),
         ModelSpec(
@@ -87,7 +87,7 @@ REGISTRY: dict[str, ModelSpec] = {
             base=DEFAULT_POLICY,
             trained=True,
             description=(
-                "Trained PRM for beam_prm (opt-in): LoRA r=4 + a linear value head on the policy backbone, trained on "
+                "Trained PRM for beam_prm, the default: LoRA r=4 + a linear value head on the policy backbone, trained on "
                 "the same token-level rewards as the MRM (one scalar per partial answer)."
             ),
         ),
@@ -98,8 +98,8 @@ REGISTRY: dict[str, ModelSpec] = {
             base=DEFAULT_POLICY,
             trained=False,
             description=(
-                "The policy backbone's next-token logits read as rewards. NOT a safety model: a temporary "
-                "placeholder until the trained MRM exists; refused in production."
+                "The policy backbone's next-token logits read as rewards. NOT a safety model: the untrained "
+                "baseline the trained MRM replaced; refused in production."
             ),
         ),
         ModelSpec(

@@ -5,12 +5,13 @@ the same records with the same MSE objective, so the beam_prm baseline and Saffr
 
 MRM   f(x, y<t) ∈ R^V is the LM head's output (+ a trainable bias). For a record with rewards
       R(x, y≤t), one causal forward gives f(x, y<t) at every t and the loss touches ONLY the entry
-      of the token that came next: (f(x, y<t)[y_t] − s·R(x, y≤t))², averaged over response tokens,
-      with s = ``mrm_reward_scale`` (10: the MRM's rewards estimate 10 × P(safe), from 0 to 10)
-      (``partial_supervision_loss``). The bias starts at the per-token mean of s·R − f before
-      training (shrunk towards a low prior for tokens seen only a few times), so training begins
-      near the best context-free fit. Tokens that never occur as
-      y_t get no gradient through the loss and form the unseen mask.
+      of the token that came next: (f(x, y<t)[y_t] − log π_ref(y_t | x, y<t) − s·R(x, y≤t))²,
+      averaged over response tokens, with s = ``mrm_reward_scale`` (10) and π_ref the backbone with
+      the adapter off (``mrm_keep_reference``; ``partial_supervision_loss`` on the shifted targets).
+      The search ranks tokens by f: a likelihood-regularised safety score. The bias starts at the
+      per-token mean of target − f before training (shrunk towards a low prior for tokens seen
+      only a few times), so training begins near the best context-free fit. Tokens that never
+      occur as y_t get no gradient through the loss and form the unseen mask.
       Saved in the Saffron-1 layout (``service.models.mrm.save_mrm``).
 PRM   g(x, y≤t) ∈ R is a linear value head on the last hidden state after y_t; one forward scores
       every prefix of a record: (g(x, y≤t) − R(x, y≤t))². Saved as the LoRA files plus
@@ -52,6 +53,13 @@ class TrainConfig:
     # (several units) would drown a [0, 1] target; scaled, the safety signal outweighs that noise.
     # Rewards are only ranked by the search, so the unit does not matter there (see MODEL_CARD.md).
     mrm_reward_scale: float = 10.0
+    # The MRM learns its own backbone's log-probability plus the scaled reward:
+    #   f(x, y<t)[y_t] ≈ log π_ref(y_t | x, y<t) + s·R(x, y≤t),   π_ref = the backbone with the adapter off,
+    # a likelihood-regularised safety score (log π_ref + R/β, as in KL-regularised / reward-guided decoding): among
+    # equally safe tokens the likely one wins, and scores of different nodes are comparable because the
+    # log-probabilities are normalised. The LM head starts at the raw logits ℓ = log π_ref + LSE(context), so the
+    # LoRA only has to learn a per-context offset (−LSE) on top of the safety term. False: f ≈ s·R alone.
+    mrm_keep_reference: bool = True
     # Benign records (every token labelled 1.0) are left out by default: the MRM's context-free LM-head bias
     # learnt "words of ordinary answers are safe" from them and ranked "Hello"/"We" above "I" (as in "I'm
     # sorry") on harmful prompts (MODEL_CARD.md). Both models see the same records either way.
@@ -234,23 +242,46 @@ def _load_backbone(policy_dir: Path) -> nn.Module:
 
 
 @torch.no_grad()
-def _initial_bias(peft_model, examples: list[Example], vocab: int, config: TrainConfig, pad_id: int) -> torch.Tensor:
-    """Per-token mean of (target − logit), shrunk towards a conservative prior for rarely seen tokens."""
-    sums = torch.zeros(vocab, dtype=torch.float64)
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    residuals = []
+def _reference_outputs(peft_model, examples: list[Example], config: TrainConfig, pad_id: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per example, the backbone's own (logit, log-probability) at each supervised entry [position, y_t], adapter off."""
+    logits_out: list[list[float]] = []
+    log_probs_out: list[list[float]] = []
     peft_model.eval()
-    for batch_examples in tqdm(_batches(examples, config.batch_size, None), desc="mrm bias init", unit="batch"):
-        batch = collate(batch_examples, pad_id)
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        residual = batch["targets"].double() - logits[batch["rows"], batch["positions"], batch["tokens"]].double()
-        sums.index_add_(0, batch["tokens"], residual)
-        counts.index_add_(0, batch["tokens"], torch.ones_like(residual))
-        residuals.append(residual)
+    with peft_model.disable_adapter():
+        for s in tqdm(range(0, len(examples), config.batch_size), desc="mrm reference", unit="batch"):
+            chunk = examples[s : s + config.batch_size]
+            batch = collate(chunk, pad_id)
+            rows = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[batch["rows"], batch["positions"]].float()
+            picked = torch.arange(len(batch["tokens"])), batch["tokens"]
+            logits, log_probs = rows[picked].tolist(), torch.log_softmax(rows, dim=-1)[picked].tolist()
+            lo = 0
+            for e in chunk:
+                logits_out.append(logits[lo : lo + len(e.positions)])
+                log_probs_out.append(log_probs[lo : lo + len(e.positions)])
+                lo += len(e.positions)
     peft_model.train()
-    if not residuals:
+    return logits_out, log_probs_out
+
+
+def _mrm_targets(examples: list[Example], refs: list[list[float]], config: TrainConfig) -> None:
+    """In place: targets become s·R (+ the reference log-probability when ``mrm_keep_reference``)."""
+    s = config.mrm_reward_scale
+    for e, ref in zip(examples, refs):
+        e.targets = [(r if config.mrm_keep_reference else 0.0) + s * t for r, t in zip(ref, e.targets)]
+
+
+def _initial_bias(examples: list[Example], logits: list[list[float]], vocab: int, config: TrainConfig) -> torch.Tensor:
+    """Per-token mean of (target − initial output), shrunk towards a conservative prior for rarely seen tokens.
+
+    ``logits``: per example, the output at each entry before training (the adapter starts as a no-op).
+    """
+    tokens = torch.tensor([t for e in examples for t in e.tokens], dtype=torch.long)
+    residual = torch.tensor([t - r for e, ref in zip(examples, logits) for t, r in zip(e.targets, ref)], dtype=torch.float64)
+    if residual.numel() == 0:
         return torch.zeros(vocab)
-    prior = torch.quantile(torch.cat(residuals), config.bias_prior_quantile)
+    sums = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tokens, residual)
+    counts = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tokens, torch.ones_like(residual))
+    prior = torch.quantile(residual, config.bias_prior_quantile)
     k = config.bias_prior_weight
     return torch.where(counts > 0, (sums + k * prior) / (counts + k), 0.0).float()  # unseen tokens are masked anyway
 
@@ -294,12 +325,13 @@ def train_mrm(
 ) -> dict:
     """Train and save an MRM in the Saffron-1 layout; returns its training report."""
     run = _start("mrm", policy_dir, tokenizer, train, held_out, config, base_name)
-    for e in run.train_ex + run.held_ex:
-        e.targets = [t * config.mrm_reward_scale for t in e.targets]
     vocab = run.peft_model.get_output_embeddings().out_features
     unseen = ~seen_tokens(run.train, vocab)
     held_ex = restrict(run.held_ex, ~unseen, HELD_OUT_CURVE_RECORDS)  # the search never steps onto unseen tokens
-    head = _MRMHead(run.peft_model, _initial_bias(run.peft_model, run.train_ex, vocab, config, run.pad_id))
+    train_logits, train_log_probs = _reference_outputs(run.peft_model, run.train_ex, config, run.pad_id)
+    _mrm_targets(run.train_ex, train_log_probs, config)
+    _mrm_targets(held_ex, _reference_outputs(run.peft_model, held_ex, config, run.pad_id)[1], config)
+    head = _MRMHead(run.peft_model, _initial_bias(run.train_ex, train_logits, vocab, config))
     groups = [{"params": run.lora_params, "lr": config.lr}, {"params": [head.bias], "lr": config.head_lr}]
     curve = _fit(head, groups, run.train_ex, held_ex, config, run.pad_id, "train-mrm")
     for key in ("train_mse", "held_out_mse"):  # report in the units of R, like the PRM

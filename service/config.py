@@ -36,10 +36,10 @@ class Settings(BaseSettings):
 
     # Models: a registry name (see model_store.registry), a local directory or a hub id.
     policy_model: str = "smollm2-135m-instruct"
-    # The trained smollm2-135m-saffron-mrm / -safety-prm (model_store/artifacts) are opt-in: guided by them the
-    # search degenerates into repeated tokens ("safe safe safe") on most prompts (MODEL_CARD.md).
-    mrm_model: str = "untrained-placeholder-mrm"
-    prm_model: str = "zero-shot-guard-prm"
+    # The reward models trained by `python -m model_store rebuild` (model_store/artifacts/MODEL_CARD.md).
+    # The flagged untrained placeholders ("untrained-placeholder-mrm", "zero-shot-guard-prm") stay selectable.
+    mrm_model: str = "smollm2-135m-saffron-mrm"
+    prm_model: str = "smollm2-135m-safety-prm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

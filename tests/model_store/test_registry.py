@@ -55,13 +55,12 @@ def test_registry_entries_are_consistent():
         assert (spec.kind, spec.trained, spec.base, spec.source) == (kind, True, DEFAULT_POLICY, COMMITTED)
 
 
-def test_trained_reward_models_are_opt_in_until_they_guard_fluently():
-    # model_store/artifacts/MODEL_CARD.md: guided by the trained MRM the search degenerates into repeated
-    # tokens, so the defaults stay the (flagged) placeholders; the trained models are one setting away.
+def test_the_trained_reward_models_are_the_defaults():
     s = Settings()
-    assert (s.mrm_model, s.prm_model) == ("untrained-placeholder-mrm", "zero-shot-guard-prm")
-    trained = Settings(mrm_model=TRAINED_MRM, prm_model=TRAINED_PRM, environment="production", api_keys="k")
-    assert trained.mrm_model == TRAINED_MRM
+    assert (s.mrm_model, s.prm_model) == (TRAINED_MRM, TRAINED_PRM)
+    Settings(environment="production", api_keys="k")  # production accepts the defaults
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(mrm_model="untrained-placeholder-mrm", environment="production", api_keys="k")
 
 
 @pytest.mark.parametrize("name", [TRAINED_MRM, TRAINED_PRM])

@@ -40,7 +40,7 @@ def assert_result(out: dict, strategy: str) -> None:
     assert out["strategy"] == strategy
     assert isinstance(out["text"], str) and 0 < len(out["token_ids"]) <= 8, out
     assert out["stats"]["policy_forward_tokens"] > 0
-    assert "UNTRAINED PLACEHOLDER" in out["reward_models"]["warning"], out["reward_models"]
+    assert out["reward_models"]["mrm_trained"] is True and "warning" not in out["reward_models"], out["reward_models"]
 
 
 def error_lines(stderr: str) -> list[dict]:
@@ -81,19 +81,20 @@ def test_prompts_file_prints_one_json_line_per_prompt(tmp_path: Path, capsys):
         assert out["reward"] is None
 
 
-def test_plain_output_is_the_text_and_warns_on_stderr(capsys):
+def test_plain_output_is_the_text_and_the_placeholder_warns_on_stderr(capsys, monkeypatch):
+    monkeypatch.setenv("SAFFRON_MRM_MODEL", "untrained-placeholder-mrm")
     assert main(["generate", "--strategy", "none", "--max-new-tokens", "8", PROMPT]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() and not captured.out.lstrip().startswith("{"), captured.out
     assert "WARNING: untrained-placeholder-mrm is an UNTRAINED PLACEHOLDER" in captured.err
 
 
-def test_trained_mrm_by_setting_has_no_warning(capsys, monkeypatch):
-    monkeypatch.setenv("SAFFRON_MRM_MODEL", "smollm2-135m-saffron-mrm")
+def test_the_default_trained_mrm_has_no_warning(capsys):
     assert main(["generate", "--json", "--strategy", "saffron", "--budget", "2", "--max-new-tokens", "2", PROMPT]) == 0
     captured = capsys.readouterr()
     out = strict_json(captured.out.strip())
     assert out["reward_models"]["mrm"] == "smollm2-135m-saffron-mrm" and out["reward_models"]["mrm_trained"] is True
+    assert out["reward_models"]["prm"] == "smollm2-135m-safety-prm" and out["reward_models"]["prm_trained"] is True
     assert "warning" not in out["reward_models"] and "WARNING" not in captured.err
 
 

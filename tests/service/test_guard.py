@@ -26,19 +26,23 @@ def guard() -> Guard:
     return Guard.from_settings()
 
 
-def assert_placeholder_warning(result: GenerationResult) -> None:
+def assert_trained_defaults(result: GenerationResult) -> None:
     info = result.reward_models
+    assert (info["mrm"], info["prm"]) == (TRAINED_MRM, TRAINED_PRM), info
+    assert info["mrm_trained"] is True and info["prm_trained"] is True and "warning" not in info, info
+
+
+def test_the_untrained_placeholder_is_flagged_in_every_result():
+    guard = Guard.from_settings(Settings(mrm_model="untrained-placeholder-mrm", prm_model="zero-shot-guard-prm"))
+    info = guard.generate(PROMPT, strategy="saffron", budget=2, max_new_tokens=4, min_new_tokens=0).reward_models
     assert info["mrm_trained"] is False, info
     assert "warning" in info and info["mrm"] in info["warning"] and "UNTRAINED PLACEHOLDER" in info["warning"], info
 
 
 @pytest.mark.parametrize("strategy", ["saffron", "beam_prm"])
-def test_the_committed_trained_reward_models_load_and_guide_the_search(strategy: str):
-    guard = Guard.from_settings(Settings(mrm_model=TRAINED_MRM, prm_model=TRAINED_PRM))
+def test_the_committed_trained_reward_models_load_and_guide_the_search(guard: Guard, strategy: str):
     result = guard.generate(PROMPT, strategy=strategy, budget=2, max_new_tokens=4, min_new_tokens=0)
-    info = result.reward_models
-    assert (info["mrm"], info["prm"]) == (TRAINED_MRM, TRAINED_PRM), info
-    assert info["mrm_trained"] is True and info["prm_trained"] is True and "warning" not in info, info
+    assert_trained_defaults(result)
     assert result.stats["reward_forward_tokens"] > 0 and len(result.token_ids) in (4, *range(1, 4)) and result.reward is not None
 
 
@@ -66,7 +70,7 @@ def test_each_strategy_returns_a_full_result(guard: Guard, strategy: str):
         assert s["reward_calls"] > 0, s
     if strategy in ("saffron", "beam_prm"):  # the judge (best_of_n) forwards no tokens
         assert s["reward_forward_tokens"] > 0, s
-    assert_placeholder_warning(result)
+    assert_trained_defaults(result)
     assert result.params["strategy"] == strategy and result.params["budget"] == 2
     out = result.to_dict()
     assert out["stats"] == s
