@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from model_store.rewards import BuildConfig, Policy, Prompt, RewardRecord, outcome_safe, split_prompts
-from model_store.train import Example, collate, layout_examples
+from model_store.train import Example, entry_rows, layout_examples, per_example
 from service.models import judge
 from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm
@@ -88,18 +88,11 @@ def _round(v: float | None) -> float | None:
 def _predict(model, examples: list[Example], pad_id: int, *, kind: str, batch_size: int = 8, log_probs: bool = False) -> list[list[float]]:
     """Per example, the model output at each supervised entry (MRM: [pos, y_t]; PRM: [pos, 0]); log-softmaxed if asked."""
     out: list[list[float]] = []
-    for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {kind}", unit="batch"):
-        chunk = examples[s : s + batch_size]
-        batch = collate(chunk, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for chunk, batch, rows in entry_rows(model, examples, pad_id, batch_size, f"eval {kind}"):
         if log_probs:
-            logits = torch.log_softmax(logits.float(), dim=-1)
+            rows = torch.log_softmax(rows, dim=-1)
         cols = batch["tokens"] if kind == "mrm" else torch.zeros_like(batch["tokens"])
-        flat = logits[batch["rows"], batch["positions"], cols].float().tolist()
-        lo = 0
-        for e in chunk:
-            out.append(flat[lo : lo + len(e.positions)])
-            lo += len(e.positions)
+        out += per_example(chunk, rows[torch.arange(len(cols)), cols].tolist())
     return out
 
 
@@ -123,7 +116,8 @@ def eval_rewards(
     unseen = mrm.unseen_mask.cpu()
     examples = layout_examples(records, tokenizer, template, kind="mrm")
     preds = _predict(mrm.model, examples, pad_id, kind="mrm")
-    refs = _predict(_backbone(policy_dir), examples, pad_id, kind="mrm", log_probs=True) if mrm_reference else [[0.0] * len(ps) for ps in preds]
+    policy_model = _backbone(policy_dir)  # π_ref for the MRM's reward estimate, then the policy of the decision test
+    refs = _predict(policy_model, examples, pad_id, kind="mrm", log_probs=True) if mrm_reference else [[0.0] * len(ps) for ps in preds]
     preds = [[(p - r) / mrm_scale for p, r in zip(ps, rs)] for ps, rs in zip(preds, refs)]
 
     seen_p, seen_t, unseen_count = [], [], 0
@@ -155,7 +149,6 @@ def eval_rewards(
         report["prm"] = {"all": token_metrics([p for ps in prm_preds for p in ps], [r for rec in records for r in rec.rewards])}
         del prm_model
 
-    policy_model = _backbone(policy_dir)
     policy = Policy(policy_model, tokenizer, system_prompt)
     report["decisions"] = _decisions(policy, mrm, records, rollouts=rollouts, response_tokens=response_tokens, top_p=top_p, seed=seed)
     return report

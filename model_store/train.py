@@ -241,6 +241,25 @@ def _load_backbone(policy_dir: Path) -> nn.Module:
     return model
 
 
+def entry_rows(model, examples: list[Example], pad_id: int, batch_size: int, desc: str):
+    """Yield (chunk, batch, rows) for consecutive runs of ``batch_size`` examples, in order: ``rows`` is the
+    model output [supervised entries, V] at the supervised positions. Call it under ``torch.no_grad``."""
+    for s in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+        chunk = examples[s : s + batch_size]
+        batch = collate(chunk, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        yield chunk, batch, logits[batch["rows"], batch["positions"]].float()
+
+
+def per_example(chunk: list[Example], flat: list[float]) -> list[list[float]]:
+    """Split one value per supervised entry of ``chunk`` (collate's order) into one list per example."""
+    out, lo = [], 0
+    for e in chunk:
+        out.append(flat[lo : lo + len(e.positions)])
+        lo += len(e.positions)
+    return out
+
+
 @torch.no_grad()
 def _reference_outputs(peft_model, examples: list[Example], config: TrainConfig, pad_id: int) -> tuple[list[list[float]], list[list[float]]]:
     """Per example, the backbone's own (logit, log-probability) at each supervised entry [position, y_t], adapter off."""
@@ -248,17 +267,10 @@ def _reference_outputs(peft_model, examples: list[Example], config: TrainConfig,
     log_probs_out: list[list[float]] = []
     peft_model.eval()
     with peft_model.disable_adapter():
-        for s in tqdm(range(0, len(examples), config.batch_size), desc="mrm reference", unit="batch"):
-            chunk = examples[s : s + config.batch_size]
-            batch = collate(chunk, pad_id)
-            rows = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[batch["rows"], batch["positions"]].float()
+        for chunk, batch, rows in entry_rows(peft_model, examples, pad_id, config.batch_size, "mrm reference"):
             picked = torch.arange(len(batch["tokens"])), batch["tokens"]
-            logits, log_probs = rows[picked].tolist(), torch.log_softmax(rows, dim=-1)[picked].tolist()
-            lo = 0
-            for e in chunk:
-                logits_out.append(logits[lo : lo + len(e.positions)])
-                log_probs_out.append(log_probs[lo : lo + len(e.positions)])
-                lo += len(e.positions)
+            logits_out += per_example(chunk, rows[picked].tolist())
+            log_probs_out += per_example(chunk, torch.log_softmax(rows, dim=-1)[picked].tolist())
     peft_model.train()
     return logits_out, log_probs_out
 
