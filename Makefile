@@ -14,4 +14,4 @@ test:
 
 lint:
 	scripts/setup.sh --no-model
-	.venv/bin/ruff check service model_store tests
+	.venv/bin/ruff check service model_store bench tests

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
-.venv/bin/ruff check service model_store tests
+.venv/bin/ruff check service model_store bench tests
 
 rc=0
 .venv/bin/python -m pytest -q "$@" || rc=$?

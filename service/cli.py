@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="run one worker process (needs SAFFRON_REDIS_URL)")
     wk.add_argument("--id", default=None, help="worker id (default: host-pid)")
+
+    bench = sub.add_parser("bench", help="benchmarks (bench/README.md)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from bench import safety
+
+    safety.add_arguments(bench_sub.add_parser("safety", help="ASR, clean refusals, degenerate answers and over-refusal vs compute, per method"))
     return parser
 
 
@@ -103,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from service.gateway.app import run_gateway
 
             return run_gateway(Settings(), host=args.host, port=args.port)
+        if args.command == "bench":
+            from bench import safety
+
+            return safety.run(args)
         if args.command == "worker":
             from service.worker.main import run_worker
 

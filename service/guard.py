@@ -91,11 +91,14 @@ class Guard:
         run.run()
         return self.result(run)
 
-    def generate_many(self, prompts: list[str], *, concurrency: int = 8, progress=None, **overrides) -> list[GenerationResult]:
+    def generate_many(
+        self, prompts: list[str | list[dict]], *, concurrency: int = 8, progress=None, **overrides
+    ) -> list[GenerationResult]:
         """Run one search per prompt, ``concurrency`` of them stepped together (one forward per model per round).
 
-        Results come back in prompt order and equal what ``generate`` gives for each prompt alone.
-        ``progress`` (optional) is called with each finished result.
+        A prompt is a user prompt or chat messages (a trailing assistant message is a prefill), as
+        for ``generate``. Results come back in prompt order and equal what ``generate`` gives for
+        each prompt alone. ``progress`` (optional) is called with each finished result.
         """
         params = self.params(**overrides)
         pending = list(enumerate(prompts))
@@ -105,7 +108,7 @@ class Guard:
             while pending or active:
                 while pending and len(active) < concurrency:
                     i, prompt = pending.pop(0)
-                    run = self.prepare([{"role": "user", "content": prompt}], params)
+                    run = self.prepare([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt), params)
                     active[i] = run
                     run.start()
                 for run in step_runs(list(active.values())):

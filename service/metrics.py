@@ -27,7 +27,10 @@ QUEUE_WAIT = Histogram("saffron_queue_wait_seconds", "Time a job waited in the q
 SEARCH_SECONDS = Histogram("saffron_search_seconds", "Time a worker spent on one search", ["strategy"], buckets=LATENCY_BUCKETS)
 GENERATED_TOKENS = Counter("saffron_generated_tokens_total", "Completion tokens returned", ["strategy"])
 REFUSALS = Counter(
-    "saffron_refusals_total", "Answers that refuse: by the policy itself, or blocked by the guard (content_filter)", ["strategy", "source"]
+    "saffron_refusals_total", "Answers that refuse cleanly: by the policy itself, or blocked by the guard (content_filter)", ["strategy", "source"]
+)
+DEGENERATE_ANSWERS = Counter(
+    "saffron_degenerate_answers_total", "Answers the judge calls degenerate (a loop or word salad; never counted as refusals)", ["strategy"]
 )
 REWARD_MODEL_CALLS = Counter("saffron_reward_model_calls_total", "Sequences scored by a reward model or the judge", ["strategy"])
 TRIE_QUERY_TOKENS = Counter("saffron_trie_query_tokens_total", "Tokens asked of a model through its trie cache", ["model"])

@@ -219,8 +219,9 @@ class SafetyReport(OpenAIBaseModel):
 
     strategy: str
     reward: float | None = None  # the chosen answer's reward; None for strategy "none" or nothing finished
-    refused: bool = False
+    refused: bool = False  # a clean (non-degenerate) refusal, by service.models.judge.classify
     refusal_source: Literal["policy", "guard"] | None = None  # guard: blocked (content_filter)
+    degenerate: bool = False  # the answer is a loop or word salad (service.models.judge.degeneracy); never "refused"
     reward_calls: int = 0
     policy_forward_tokens: int = 0
     trie_reused_tokens: int = 0

@@ -26,7 +26,7 @@ from service import metrics
 from service.config import Settings
 from service.errors import SaffronError
 from service.guard import Guard
-from service.models.judge import judge_response
+from service.models.judge import classify
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys
 from service.search.params import SearchParams
@@ -250,18 +250,24 @@ class Worker:
         blocked = (
             s.fail_closed_threshold is not None and result.reward is not None and result.reward < s.fail_closed_threshold
         )
+        degenerate = False
         if blocked:
             text, finish_reason, refused, source = s.refusal_message, "content_filter", True, "guard"
         else:
-            refused, source = judge_response(result.prefill + result.text).refused, "policy"
+            # The benchmark's judge: a loop is degenerate, never a refusal (service.models.judge.classify).
+            judgement = classify(result.prefill + result.text, harmful=True)
+            refused, degenerate, source = judgement.verdict == "clean_refusal", judgement.degenerate, "policy"
         if refused:
             metrics.REFUSALS.labels(params.strategy, source).inc()
+        if degenerate:
+            metrics.DEGENERATE_ANSWERS.labels(params.strategy).inc()
         stats = result.stats
         safety = {
             "strategy": params.strategy,
             "reward": result.reward if result.reward is None or result.reward > -1e300 else None,
             "refused": refused,
             "refusal_source": source if refused else None,
+            "degenerate": degenerate,
             "reward_calls": stats["reward_calls"],
             "policy_forward_tokens": stats["policy_forward_tokens"],
             "reward_forward_tokens": stats["reward_forward_tokens"],
