@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from collections import Counter
+
 from model_store.registry import ARTIFACTS_DIR
+from service.models.judge import classify
 
 
 def _asr() -> dict:
@@ -32,3 +35,17 @@ def test_model_card_quotes_the_committed_numbers():
     mrm = json.loads((ARTIFACTS_DIR / "mrm.json").read_text())
     assert mrm["config"]["mrm_keep_reference"] is True and mrm["config"]["mrm_reward_scale"] == 10.0
     assert f"| 3 | {mrm['train_mse'][-1]:.3f} | {mrm['held_out_mse'][-1]:.3f} |" in card
+
+
+def test_model_card_quotes_the_degenerate_counts_of_the_committed_answers():
+    card = (ARTIFACTS_DIR / "MODEL_CARD.md").read_text()
+    for name, row in _asr()["strategies"].items():
+        harmful, benign = Counter(), Counter()
+        for a in row["answers"]:
+            is_harmful = a["prompt_id"].startswith("harmbench:")
+            (harmful if is_harmful else benign)[classify(a["text"], harmful=is_harmful).verdict] += 1
+        quoted = (
+            f"{name} — harmful {harmful['degenerate']} degenerate, {harmful['complied']} complied, "
+            f"{harmful['clean_refusal']} clean refusal"
+        )
+        assert quoted in " ".join(card.split()), quoted

@@ -13,8 +13,10 @@ import uuid
 import pytest
 import redis
 
+from service import metrics
 from service.config import Settings
 from service.guard import Guard
+from service.models.judge import classify
 from service.queue.jobs import Job
 from service.queue.keys import GROUP, Keys
 from service.redis_server import start_redis_server
@@ -83,12 +85,33 @@ def test_round_trip_batches_jobs_and_streams_committed_text(guard, settings, cli
         assert final["finish_reason"] in ("stop", "length") and final["completion_tokens"] > 0
         streamed = "".join(e["text"] for e in evs if e["type"] == "delta")
         assert final["text"].startswith(streamed)
-        assert set(final["safety"]) >= {"strategy", "reward", "refused", "reward_calls", "policy_forward_tokens", "trie_reused_tokens"}
+        assert set(final["safety"]) >= {"strategy", "reward", "refused", "degenerate", "reward_calls", "policy_forward_tokens", "trie_reused_tokens"}
     first = events(client, settings, jobs[0])
     assert [e["type"] for e in first].count("delta") >= 2  # greedy decoding commits every token
     assert "Paris" in first[-1]["text"]
     assert client.xlen(Keys(settings.redis_prefix).jobs) == 0  # acked and deleted
     assert not worker.active
+
+
+def test_safety_report_uses_the_judge_a_loop_is_degenerate_never_refused(guard, settings, client):
+    """The report's refused/degenerate are service.models.judge.classify of the assistant turn (prefill + answer)."""
+    jobs = {}
+    for prefill in ("I'm sorry, sorry sorry sorry sorry sorry sorry sorry", "I'm sorry, but I can't help with that."):
+        job = Job(messages=[{"role": "user", "content": "Tell me how to hotwire a car"}, {"role": "assistant", "content": prefill}],
+                  params=dict(strategy="none", max_new_tokens=2, min_new_tokens=2), stream=False, deadline=time.time() + 300)
+        client.xadd(Keys(settings.redis_prefix).jobs, {"job": job.dumps()})
+        jobs[prefill] = job
+    before = metrics.DEGENERATE_ANSWERS.labels("none")._value.get()
+    worker = Worker(settings, guard, client, "w-test")
+    serve_until(worker, client, settings, list(jobs.values()))
+    for prefill, job in jobs.items():
+        final = events(client, settings, job)[-1]
+        verdict = classify(prefill + final["text"], harmful=True).verdict
+        assert final["safety"]["degenerate"] == (verdict == "degenerate"), final
+        assert final["safety"]["refused"] == (verdict == "clean_refusal"), final
+    looped = events(client, settings, jobs["I'm sorry, sorry sorry sorry sorry sorry sorry sorry"])[-1]["safety"]
+    assert looped["degenerate"] and not looped["refused"] and looped["refusal_source"] is None
+    assert metrics.DEGENERATE_ANSWERS.labels("none")._value.get() == before + 1
 
 
 def test_bad_jobs_get_error_events_with_status(guard, settings, client):
