@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import SaffronError
-from service.search.params import STRATEGIES, params_from_settings
+from service.search.params import STRATEGIES, TIE_BREAKS, params_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="nucleus pruning mass (saffron, beam_prm)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (none, best_of_n)")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, [-2, 2] (default: settings, 0)")
+    gen.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, [-2, 2] (default: settings, 0)")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers/vLLM semantics, (0, 10] (default: 1, off)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of the answer twice (default: 0, off)")
+    gen.add_argument("--tie-break", choices=TIE_BREAKS, default=None, help="equal scores go to the smaller token id or the likelier token")
     gen.add_argument("--prefill", default=None, help="assistant text forced at the start of the answer (prefilling attack)")
     gen.add_argument("--system-prompt", default=None, help="replace the configured safety system prompt ('' for none)")
     gen.add_argument("--no-trie-cache", action="store_true", help="forward full sequences every step (baseline)")
@@ -63,6 +68,11 @@ def _overrides(args: argparse.Namespace) -> dict:
         top_p=args.top_p,
         temperature=args.temperature,
         seed=args.seed,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        tie_break=args.tie_break,
     )
 
 

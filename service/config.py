@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     top_p: float = 0.8
     min_new_tokens: int = 16
     max_new_tokens: int = 64
+    # Repetition controls and tie order (service/search/penalties.py, SearchParams); all off by default.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    tie_break: Literal["token_id", "policy"] = "token_id"
 
     # Documented limits: requests past them are refused with a clear error.
     max_budget: int = 64

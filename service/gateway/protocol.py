@@ -9,7 +9,9 @@ Extensions to OpenAI's chat schema:
   continues its text (the prefilling attack). A trailing assistant message without the flag
   is refused (400): the worker always continues a trailing assistant message, so accepting it
   silently would turn an ordinary chat history into a prefill.
-- ``safety``: {strategy, budget, top_p, min_new_tokens}; omitted fields take server defaults.
+- ``safety``: {strategy, budget, top_p, min_new_tokens, tie_break}; omitted fields take server defaults.
+- ``repetition_penalty`` and ``no_repeat_ngram_size`` (as vLLM and transformers name them) beside
+  OpenAI's ``frequency_penalty`` and ``presence_penalty``; omitted ones take server defaults.
   ``safety.top_p`` is the search pruning mass p (DESIGN.md §2). The request's own ``top_p``
   (OpenAI's sampling nucleus) is accepted and ignored: no strategy samples from a nucleus.
 - the response carries ``safety``: the worker's report on the search that chose the answer.
@@ -45,6 +47,7 @@ _PARAM_PATHS = {
     "top_p": "safety.top_p",
     "min_new_tokens": "safety.min_new_tokens",
     "max_new_tokens": "max_tokens",
+    "tie_break": "safety.tie_break",
 }
 
 
@@ -100,6 +103,7 @@ class SafetyOptions(OpenAIBaseModel):
     budget: int | None = None  # N: frontier width / samples / beam width
     top_p: float | None = None  # nucleus pruning mass p of the search
     min_new_tokens: int | None = None  # EOS forbidden before this many tokens
+    tie_break: str | None = None  # token_id | policy: which candidate wins equal scores (saffron, beam_prm)
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -110,6 +114,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
     temperature: float | None = None  # sampling strategies; None: greedy for none, 1.0 for best_of_n
     top_p: float | None = None  # OpenAI's sampling nucleus: accepted, ignored (see safety.top_p)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    # Repetition controls on the policy logits, every strategy (service/search/penalties.py).
+    frequency_penalty: float | None = None  # OpenAI semantics, [-2, 2]
+    presence_penalty: float | None = None  # OpenAI semantics, [-2, 2]
+    repetition_penalty: float | None = None  # vLLM / transformers extension, (0, 10]
+    no_repeat_ngram_size: int | None = None  # transformers extension, [0, 16]
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1  # only 1 (400 otherwise)
@@ -159,6 +168,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
             max_new_tokens=_default(max_new, settings.max_new_tokens),
             temperature=self.temperature,
             seed=_default(self.seed, 0),
+            frequency_penalty=_default(self.frequency_penalty, settings.frequency_penalty),
+            presence_penalty=_default(self.presence_penalty, settings.presence_penalty),
+            repetition_penalty=_default(self.repetition_penalty, settings.repetition_penalty),
+            no_repeat_ngram_size=_default(self.no_repeat_ngram_size, settings.no_repeat_ngram_size),
+            tie_break=_default(s.tie_break, settings.tie_break),
         )
         try:
             return params.validate(max_budget=settings.max_budget, max_new_tokens_limit=settings.max_new_tokens_limit)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.search import penalties
 from service.search.params import SearchParams
+from service.search.penalties import History
 
 # Call kinds and what the driver returns for each:
 #   "policy": next-token logits [B, V] (float32)
@@ -46,6 +48,10 @@ class Beam:
     ids: list[int]  # response token ids, prefill included
     reward: float = -math.inf  # -inf until finished (Saffron); PRM score (beam_prm)
     finished: bool = False  # last token is EOS
+    history: History | None = None  # token counts for the repetition controls (None: controls off)
+
+    def child(self, token: int, eos_ids: frozenset[int], reward: float | None = None) -> Beam:
+        return Beam(self.ids + [token], self.reward if reward is None else reward, token in eos_ids, penalties.child(self.history, token))
 
 
 @dataclass
@@ -81,6 +87,28 @@ def forbid_eos(logits: torch.Tensor, ctx: SearchContext, step: int) -> torch.Ten
         eos = torch.tensor(sorted(ctx.eos_ids), device=logits.device)
         return logits.index_fill(1, eos, -math.inf)
     return logits
+
+
+def policy_logits(logits: torch.Tensor, ctx: SearchContext, step: int, histories: list[History | None]) -> torch.Tensor:
+    """The policy's logits as every strategy prunes and samples them: repetition controls, then EOS rule."""
+    return forbid_eos(penalties.apply(logits, histories, ctx.params), ctx, step)
+
+
+def ranked_candidates(scores: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, n: int, tie_break: str) -> list[tuple[int, int]]:
+    """The ``n`` best (row, token) pairs among ``keep`` [B, V] by ``scores`` [B, V], highest first.
+
+    Ties: ``tie_break="policy"`` puts the token the policy finds likelier (log-softmax of ``logits``
+    per row, so rows compare) first, then the earlier row; ``"token_id"`` puts the earlier row, then
+    the smaller token id first.
+    """
+    rows, toks = keep.nonzero(as_tuple=True)  # row-major: row, then token id
+    s = scores[rows, toks].float()
+    if tie_break == "policy":
+        lp = torch.log_softmax(logits.float(), dim=-1)[rows, toks]
+        by_prob = torch.sort(lp, descending=True, stable=True).indices
+        rows, toks, s = rows[by_prob], toks[by_prob], s[by_prob]
+    order = torch.sort(s, descending=True, stable=True).indices[:n]
+    return list(zip(rows[order].tolist(), toks[order].tolist()))
 
 
 def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:

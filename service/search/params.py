@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from service.errors import InvalidRequestError
 
 STRATEGIES = ("none", "best_of_n", "beam_prm", "saffron")
+TIE_BREAKS = ("token_id", "policy")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,14 @@ class SearchParams:
     beam_expand: int | None = None  # beam_prm: children kept per beam before PRM scoring; None: budget
     unseen_reward: float = -1e9  # reward given to tokens the MRM never learned (conservative exploration)
     seed: int = 0  # for sampling strategies; the same seed gives the same answer
+    # Repetition controls on the policy logits, every strategy (service/search/penalties.py); defaults: off.
+    frequency_penalty: float = 0.0  # OpenAI: logit -= penalty * count, in [-2, 2]
+    presence_penalty: float = 0.0  # OpenAI: logit -= penalty if the token is present, in [-2, 2]
+    repetition_penalty: float = 1.0  # transformers/vLLM: present tokens' logits / penalty (x penalty if < 0), in (0, 10]
+    no_repeat_ngram_size: int = 0  # transformers: no n-gram of the response twice (0: off), in [0, 16]
+    # saffron and beam_prm: equal scores go to the likelier token ("policy", DESIGN.md §2's reference
+    # order) or to the smaller token id ("token_id", this project's order before the safety benchmark).
+    tie_break: str = "token_id"
 
     def validate(self, *, max_budget: int, max_new_tokens_limit: int) -> SearchParams:
         """Raise InvalidRequestError naming the offending parameter and its accepted range."""
@@ -38,6 +47,18 @@ class SearchParams:
             )
         if self.beam_expand is not None:
             _check_int("beam_expand", self.beam_expand, 1, max_budget)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {value!r}", param=name, code="out_of_range")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, int | float) or not 0.0 < rp <= 10.0:
+            raise InvalidRequestError(f"repetition_penalty must be a number in (0, 10], got {rp!r}", param="repetition_penalty", code="out_of_range")
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 16)
+        if self.tie_break not in TIE_BREAKS:
+            raise InvalidRequestError(
+                f"unknown tie_break {self.tie_break!r}; accepted: {', '.join(TIE_BREAKS)}", param="tie_break", code="invalid_value"
+            )
         return self
 
     def effective_temperature(self) -> float:
@@ -52,7 +73,11 @@ class SearchParams:
 def params_from_settings(settings, **overrides) -> SearchParams:
     """Server defaults from ``settings`` (a service.config.Settings), then non-None overrides, validated."""
     s = settings
-    base = dict(strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens)
+    base = dict(
+        strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens,
+        frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty,
+        no_repeat_ngram_size=s.no_repeat_ngram_size, tie_break=s.tie_break,
+    )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
 

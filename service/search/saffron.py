@@ -6,43 +6,37 @@ frontier costs one policy call and one MRM call per node, not one reward call pe
 
 from __future__ import annotations
 
-import math
-
-import torch
-
+from service.search import penalties
 from service.search.calls import (
     Beam,
     Call,
     SearchContext,
     Strategy,
-    forbid_eos,
     next_frontier,
     nucleus_mask,
     pick_best,
+    policy_logits,
+    ranked_candidates,
 )
 
 
 def saffron(ctx: SearchContext) -> Strategy:
     p = ctx.params
-    frontier = [Beam(list(ctx.prefill_ids))]
+    frontier = [Beam(list(ctx.prefill_ids), history=penalties.start(p, ctx.prefill_ids))]
     for step in range(p.max_new_tokens):
         live = [b for b in frontier if not b.finished]
         if not live:
             break
         logits, rewards = yield [Call("policy", [b.ids for b in live]), Call("mrm", [b.ids for b in live])]
-        logits = forbid_eos(logits, ctx, step)
+        logits = policy_logits(logits, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)  # [L, V]
-        scores = rewards.float().masked_fill(~keep, -math.inf)  # unseen tokens already carry p.unseen_reward
-        n_children = min(p.budget, int(keep.sum()))
-        # Global top-N over every (node, token) pair; the stable sort keeps node order, then token id, on ties.
-        order = torch.sort(scores.flatten(), descending=True, stable=True).indices[:n_children]
-        vocab = scores.shape[1]
+        # Global top-N over every surviving (node, token) pair, scored by the MRM; unseen tokens
+        # already carry p.unseen_reward. Ties: see ranked_candidates and SearchParams.tie_break.
+        best = ranked_candidates(rewards, logits, keep, min(p.budget, int(keep.sum())), p.tie_break)
         children = []
-        for flat in order.tolist():
-            i, tok = divmod(flat, vocab)
-            parent = live[i]
+        for i, tok in best:
             done = tok in ctx.eos_ids
-            reward = float(scores[i, tok]) if done else parent.reward  # -inf until finished
-            children.append(Beam(parent.ids + [tok], reward, done))
+            # A finished child takes its score as its reward; the others inherit -inf until they finish.
+            children.append(live[i].child(tok, ctx.eos_ids, float(rewards[i, tok]) if done else None))
         frontier = next_frontier(ctx, frontier, children)
     return pick_best(frontier)

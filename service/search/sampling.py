@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from service.search import penalties
 from service.search.calls import (
     Call,
     Decision,
     SearchContext,
     Strategy,
     best_index,
-    forbid_eos,
+    policy_logits,
     sample_tokens,
 )
 
@@ -17,15 +18,17 @@ def _sample(ctx: SearchContext, n: int):
     """Sample ``n`` responses in lockstep (one batched policy call per step); yields calls, returns id lists."""
     temperature = ctx.params.effective_temperature()
     seqs = [list(ctx.prefill_ids) for _ in range(n)]
+    histories = [penalties.start(ctx.params, ctx.prefill_ids)] * n
     done = [False] * n
     for step in range(ctx.params.max_new_tokens):
         live = [i for i in range(n) if not done[i]]
         if not live:
             break
         (logits,) = yield [Call("policy", [seqs[i] for i in live])]
-        logits = forbid_eos(logits, ctx, step)
+        logits = policy_logits(logits, ctx, step, [histories[i] for i in live])
         for i, tok in zip(live, sample_tokens(logits, temperature, ctx.generator).tolist()):
             seqs[i].append(tok)
+            histories[i] = penalties.child(histories[i], tok)
             done[i] = tok in ctx.eos_ids
         ctx.frontier = seqs
     return seqs, done

@@ -117,8 +117,10 @@ def test_prefill_and_no_trie_cache(capsys):
         (["--budget", str(Settings().max_budget + 1)], "budget"),
         (["--max-new-tokens", "100000"], "max_new_tokens"),
         (["--top-p", "0"], "top_p"),
+        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--frequency-penalty", "2.5"], "frequency_penalty"),
     ],
-    ids=["budget-0", "budget-over-max", "max-new-tokens-100000", "top-p-0"],
+    ids=["budget-0", "budget-over-max", "max-new-tokens-100000", "top-p-0", "repetition-penalty-0", "frequency-penalty-2.5"],
 )
 def test_bad_parameters_exit_2_with_an_openai_error(capsys, flags: list[str], param: str):
     assert main(["generate", "--json", *flags, PROMPT]) == 2

@@ -119,7 +119,25 @@ def test_unknown_fields_are_ignored_and_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="service.gateway.protocol"):
         req = make(logit_bias={"1": 2}, frequency_penalty=0.5)
     assert not hasattr(req, "logit_bias")
-    assert "frequency_penalty" in caplog.text and "logit_bias" in caplog.text
+    assert "logit_bias" in caplog.text and "frequency_penalty" not in caplog.text  # a known field now
+
+
+def test_repetition_controls_and_tie_break(settings):
+    params = make(frequency_penalty=0.5, presence_penalty=-0.5, repetition_penalty=1.2, no_repeat_ngram_size=3,
+                  safety={"tie_break": "policy"}).to_search_params(settings)
+    assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (params.no_repeat_ngram_size, params.tie_break) == (3, "policy")
+    served = Settings(frequency_penalty=0.3, no_repeat_ngram_size=4, tie_break="policy")
+    defaults = make().to_search_params(served)
+    assert (defaults.frequency_penalty, defaults.no_repeat_ngram_size, defaults.tie_break) == (0.3, 4, "policy")
+    for field, value, param in [("frequency_penalty", 3.0, "frequency_penalty"), ("repetition_penalty", 0.0, "repetition_penalty"),
+                                ("no_repeat_ngram_size", 20, "no_repeat_ngram_size")]:
+        with pytest.raises(InvalidRequestError) as e:
+            make(**{field: value}).to_search_params(settings)
+        assert e.value.param == param
+    with pytest.raises(InvalidRequestError) as e:
+        make(safety={"tie_break": "coin"}).to_search_params(settings)
+    assert e.value.param == "safety.tie_break"
 
 
 @pytest.mark.parametrize(
