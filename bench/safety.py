@@ -23,13 +23,15 @@ batch's wall time over its prompts.
 Outputs in ``--out`` (default ``bench/results``): ``safety_records.jsonl`` (one line per answer;
 a rerun skips the answers already there, so an interrupted run continues), ``prefills.jsonl``,
 ``safety_runs.jsonl`` (wall time of each batch), ``safety_summary.json``, the plots
-``safety_asr_vs_flops.png`` and ``safety_rates_vs_budget.png``, and ``safety_table.md``. A full run
+``safety_asr_vs_flops.png`` (ASR, and ASR + degenerate, against FLOPs) and
+``safety_rates_vs_budget.png``, and ``safety_table.md``. A full run
 also rewrites the table inside ``bench/README.md``.
 
 Summary schema (``safety_summary.json``)::
 
     {"methods": {method: [row, ...]}, "comparisons": {...}, "config": {...}, "machine": str,
-     "command": str, "date": str, "reward_models": {...}}
+     "command": str, "date": str, "reward_models": {...}, "prompts": {...},
+     "generation_s": float (sum of the batches' wall time), "commits": [the code's git commits]}
     row = {"budget", "attack", "n_prompts", "asr", "clean_refusal_rate", "degenerate_rate",
            "over_refusal", "benign_answered_rate", "benign_degenerate_rate", "n_benign",
            "flops_per_prompt", "reward_calls_per_prompt", "wall_s_per_prompt"}
@@ -48,6 +50,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -262,7 +265,7 @@ def run_group(guard, method: str, budget: int, split: str, attack: str, jobs, cf
         })
     append_jsonl(files.runs, {
         "method": method, "budget": budget, "split": split, "attack": attack, "answers": len(todo),
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "wall_s": round(time.perf_counter() - t0, 2), "commit": git_commit(),
     })
     return len(todo)
 
@@ -328,6 +331,16 @@ def compare(methods: dict, a: str, b: str) -> list[dict]:
     return out
 
 
+def git_commit() -> str | None:
+    """The checkout's HEAD commit, with "+dirty" when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> str:
     import torch
 
@@ -348,19 +361,24 @@ def plot(summary: dict, out: Path) -> list[Path]:
 
     methods = summary["methods"]
     n = {a: max((r["n_prompts"] for rows in methods.values() for r in rows if r["attack"] == a), default=0) for a in ATTACKS}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, attack in zip(axes, ATTACKS):
-        for method, rows in methods.items():
-            rows = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r["flops_per_prompt"])
-            color, marker = STYLE.get(method, ("gray", "x"))
-            xs, ys = [r["flops_per_prompt"] for r in rows], [r["asr"] for r in rows]
-            ax.plot(xs, ys, marker=marker, color=color, label=method)
-            for r in rows:
-                ax.annotate(str(r["budget"]), (r["flops_per_prompt"], r["asr"]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        ax.set(xscale="log", xlabel="FLOPs per prompt (policy + reward models)", title=f"attack: {attack} ({n[attack]} harmful prompts)", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ASR (share judged compliant)")
-    axes[0].legend()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True, sharex="col")
+    measures = (("ASR (share judged compliant)", lambda r: r["asr"]), ("failed: complied or degenerate", lambda r: r["asr"] + r["degenerate_rate"]))
+    for row, (label, value) in zip(axes, measures):
+        for ax, attack in zip(row, ATTACKS):
+            for method, rows in methods.items():
+                rows = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r["flops_per_prompt"])
+                color, marker = STYLE.get(method, ("gray", "x"))
+                xs, ys = [r["flops_per_prompt"] for r in rows], [value(r) for r in rows]
+                ax.plot(xs, ys, marker=marker, color=color, label=method)
+                for r, y in zip(rows, ys):
+                    ax.annotate(str(r["budget"]), (r["flops_per_prompt"], y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            ax.set(xscale="log", title=f"attack: {attack} ({n[attack]} harmful prompts)", ylim=(-0.02, 1.02))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel(label)
+    for ax in axes[1]:
+        ax.set_xlabel("FLOPs per prompt (policy + reward models)")
+    axes[0, 0].legend()
     fig.suptitle("Safety vs compute (numbers: budget)")
     fig.tight_layout()
     asr_png = out / "safety_asr_vs_flops.png"
@@ -387,6 +405,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
         ax.set(title=title, ylim=(-0.02, 1.02), xscale="log", xlabel="budget")
         ax.set_xticks(sorted({r["budget"] for rows in methods.values() for r in rows}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
@@ -487,10 +506,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"generation: {time.perf_counter() - t0:.0f} s this run", file=sys.stderr)
 
     records = [r for r in read_jsonl(files.records) if (r["method"], r["budget"]) in set(cfg.configs())]
-    summary = summarise(cfg, records, read_jsonl(files.runs))
+    runs = read_jsonl(files.runs)
+    summary = summarise(cfg, records, runs)
     summary.update({
         "config": asdict(cfg), "reward_models": models, "machine": machine(),
-        "command": "saffron-guard bench safety " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "safety"] else sys.argv[1:]),
+        "command": " ".join(["saffron-guard bench safety", *(sys.argv[3:] if sys.argv[1:3] == ["bench", "safety"] else sys.argv[1:])]),
+        "generation_s": round(sum(x["wall_s"] for x in runs), 1),
+        "commits": sorted({str(x.get("commit")) for x in runs}),
         "date": time.strftime("%Y-%m-%d"),
         "prompts": {"harmful": len(harmful), "benign": len(benign), "answers": len(records)},
     })

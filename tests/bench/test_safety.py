@@ -132,3 +132,17 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert read_jsonl(tmp_path / "safety_records.jsonl") == records
     assert read_jsonl(tmp_path / "safety_runs.jsonl") == runs
+
+
+def test_committed_results_agree_with_their_records_and_the_readme():
+    out = safety.DEFAULT_OUT
+    summary = json.loads((out / "safety_summary.json").read_text())
+    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    records = read_jsonl(out / "safety_records.jsonl")
+    assert len(records) == summary["prompts"]["answers"] == len({safety.record_key(r) for r in records})
+    again = summarise(cfg, records, read_jsonl(out / "safety_runs.jsonl"))
+    assert again["methods"] == summary["methods"] and again["comparisons"] == summary["comparisons"]
+    assert cfg.harmful_prompts >= 40 and cfg.benign_prompts >= 30 and max(cfg.budgets) == 8  # the floor
+    for r in records:  # the stored verdicts are the judge's
+        assert r["verdict"] == safety.classify(r["text"], harmful=r["split"] == "harmful").verdict, r["prompt_id"]
+    assert table(summary) in (safety.ROOT / "bench" / "README.md").read_text()
