@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers/vLLM semantics, (0, 10] (default: 1, off)")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of the answer twice (default: 0, off)")
     gen.add_argument("--tie-break", choices=TIE_BREAKS, default=None, help="equal scores go to the smaller token id or the likelier token")
+    gen.add_argument("--mrm-weight", type=float, default=None, help="saffron: score = w * MRM + (1 - w) * log pi (default: 1)")
     gen.add_argument("--prefill", default=None, help="assistant text forced at the start of the answer (prefilling attack)")
     gen.add_argument("--system-prompt", default=None, help="replace the configured safety system prompt ('' for none)")
     gen.add_argument("--no-trie-cache", action="store_true", help="forward full sequences every step (baseline)")
@@ -73,6 +74,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         tie_break=args.tie_break,
+        mrm_weight=args.mrm_weight,
     )
 
 

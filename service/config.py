@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     tie_break: Literal["token_id", "policy"] = "token_id"
+    mrm_weight: float = 1.0  # saffron: score = w * MRM + (1 - w) * log pi (SearchParams.mrm_weight)
 
     # Documented limits: requests past them are refused with a clear error.
     max_budget: int = 64

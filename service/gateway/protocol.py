@@ -9,7 +9,7 @@ Extensions to OpenAI's chat schema:
   continues its text (the prefilling attack). A trailing assistant message without the flag
   is refused (400): the worker always continues a trailing assistant message, so accepting it
   silently would turn an ordinary chat history into a prefill.
-- ``safety``: {strategy, budget, top_p, min_new_tokens, tie_break}; omitted fields take server defaults.
+- ``safety``: {strategy, budget, top_p, min_new_tokens, tie_break, mrm_weight}; omitted fields take server defaults.
 - ``repetition_penalty`` and ``no_repeat_ngram_size`` (as vLLM and transformers name them) beside
   OpenAI's ``frequency_penalty`` and ``presence_penalty``; omitted ones take server defaults.
   ``safety.top_p`` is the search pruning mass p (DESIGN.md §2). The request's own ``top_p``
@@ -48,6 +48,7 @@ _PARAM_PATHS = {
     "min_new_tokens": "safety.min_new_tokens",
     "max_new_tokens": "max_tokens",
     "tie_break": "safety.tie_break",
+    "mrm_weight": "safety.mrm_weight",
 }
 
 
@@ -104,6 +105,7 @@ class SafetyOptions(OpenAIBaseModel):
     top_p: float | None = None  # nucleus pruning mass p of the search
     min_new_tokens: int | None = None  # EOS forbidden before this many tokens
     tie_break: str | None = None  # token_id | policy: which candidate wins equal scores (saffron, beam_prm)
+    mrm_weight: float | None = None  # saffron: score = w * MRM + (1 - w) * log pi, in [0, 1]
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -173,6 +175,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             repetition_penalty=_default(self.repetition_penalty, settings.repetition_penalty),
             no_repeat_ngram_size=_default(self.no_repeat_ngram_size, settings.no_repeat_ngram_size),
             tie_break=_default(s.tie_break, settings.tie_break),
+            mrm_weight=_default(s.mrm_weight, settings.mrm_weight),
         )
         try:
             return params.validate(max_budget=settings.max_budget, max_new_tokens_limit=settings.max_new_tokens_limit)

@@ -29,6 +29,9 @@ class SearchParams:
     # saffron and beam_prm: equal scores go to the likelier token ("policy", DESIGN.md §2's reference
     # order) or to the smaller token id ("token_id", this project's order before the safety benchmark).
     tie_break: str = "token_id"
+    # saffron: a candidate's score = w * MRM reward + (1 - w) * log pi(token | node); 1.0 is the MRM alone
+    # (DESIGN.md §2). Below 1 the policy's likelihood counts too, a serve-time weight to be chosen on the benchmark.
+    mrm_weight: float = 1.0
 
     def validate(self, *, max_budget: int, max_new_tokens_limit: int) -> SearchParams:
         """Raise InvalidRequestError naming the offending parameter and its accepted range."""
@@ -55,6 +58,9 @@ class SearchParams:
         if isinstance(rp, bool) or not isinstance(rp, int | float) or not 0.0 < rp <= 10.0:
             raise InvalidRequestError(f"repetition_penalty must be a number in (0, 10], got {rp!r}", param="repetition_penalty", code="out_of_range")
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 16)
+        w = self.mrm_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 1.0:
+            raise InvalidRequestError(f"mrm_weight must be a number in [0, 1], got {w!r}", param="mrm_weight", code="out_of_range")
         if self.tie_break not in TIE_BREAKS:
             raise InvalidRequestError(
                 f"unknown tie_break {self.tie_break!r}; accepted: {', '.join(TIE_BREAKS)}", param="tie_break", code="invalid_value"
@@ -76,7 +82,7 @@ def params_from_settings(settings, **overrides) -> SearchParams:
     base = dict(
         strategy=s.strategy, budget=s.budget, max_new_tokens=s.max_new_tokens, top_p=s.top_p, min_new_tokens=s.min_new_tokens,
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty,
-        no_repeat_ngram_size=s.no_repeat_ngram_size, tie_break=s.tie_break,
+        no_repeat_ngram_size=s.no_repeat_ngram_size, tie_break=s.tie_break, mrm_weight=s.mrm_weight,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)

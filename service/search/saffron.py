@@ -6,6 +6,8 @@ frontier costs one policy call and one MRM call per node, not one reward call pe
 
 from __future__ import annotations
 
+import torch
+
 from service.search import penalties
 from service.search.calls import (
     Beam,
@@ -30,6 +32,9 @@ def saffron(ctx: SearchContext) -> Strategy:
         logits, rewards = yield [Call("policy", [b.ids for b in live]), Call("mrm", [b.ids for b in live])]
         logits = policy_logits(logits, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)  # [L, V]
+        if p.mrm_weight != 1.0:  # the policy's likelihood counts too (SearchParams.mrm_weight)
+            log_probs = torch.log_softmax(logits.float(), dim=-1).clamp_min(-1e4)  # no -inf * 0
+            rewards = p.mrm_weight * rewards.float() + (1.0 - p.mrm_weight) * log_probs
         # Global top-N over every surviving (node, token) pair, scored by the MRM; unseen tokens
         # already carry p.unseen_reward. Ties: see ranked_candidates and SearchParams.tie_break.
         best = ranked_candidates(rewards, logits, keep, min(p.budget, int(keep.sum())), p.tie_break)

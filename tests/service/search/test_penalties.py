@@ -102,3 +102,19 @@ def test_no_repeat_ngram_steers_greedy_decoding():
     assert plain.ids == [A, A]
     banned, _ = drive(ctx_for("none", budget=1, max_new_tokens=2, no_repeat_ngram_size=1), table)
     assert banned.ids == [A, B]  # a may not appear twice
+
+
+def test_mrm_weight_mixes_the_policy_likelihood_into_saffron_scores():
+    # The MRM prefers a (reward 9) over b (1); the policy prefers b (.6) over a (.3).
+    policy = {(): [0.05, 0.30, 0.60, 0.05, 0.0], (A,): [0.9, 0.05, 0.05, 0.0, 0.0], (B,): [0.9, 0.05, 0.05, 0.0, 0.0]}
+    mrm = {(): [0.0, 9.0, 1.0, 0.0, 0.0], (A,): [0.0] * 5, (B,): [0.0] * 5}
+    pure, _ = drive(ctx_for(budget=1, max_new_tokens=1, top_p=0.95), policy, mrm)
+    assert pure.ids == [A]
+    likely, _ = drive(ctx_for(budget=1, max_new_tokens=1, top_p=0.95, mrm_weight=0.0), policy, mrm)
+    assert likely.ids == [B]  # weight 0: the likelier token
+    # w = 0.1 (EOS forbidden, so a = .32, b = .63): a scores 0.9 + 0.9 log .32 = -0.14, b 0.1 + 0.9 log .63 = -0.31.
+    mixed, _ = drive(ctx_for(budget=1, max_new_tokens=1, top_p=0.95, mrm_weight=0.1), policy, mrm)
+    assert mixed.ids == [A]
+    with pytest.raises(InvalidRequestError) as e:
+        SearchParams(mrm_weight=1.5).validate(max_budget=64, max_new_tokens_limit=512)
+    assert e.value.param == "mrm_weight"
