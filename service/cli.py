@@ -60,22 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# SearchParams fields that `generate` takes from flags of the same name (None: the settings' default).
+_OVERRIDES = (
+    "strategy", "budget", "max_new_tokens", "min_new_tokens", "top_p", "temperature", "seed", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "no_repeat_ngram_size", "tie_break", "mrm_weight",
+)
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    return dict(
-        strategy=args.strategy,
-        budget=args.budget,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        seed=args.seed,
-        frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        tie_break=args.tie_break,
-        mrm_weight=args.mrm_weight,
-    )
+    return {name: getattr(args, name) for name in _OVERRIDES}
 
 
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
