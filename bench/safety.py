@@ -219,9 +219,6 @@ def prefill_attacks(guard, harmful: list[BenchPrompt], cfg: BenchConfig, files: 
     return have
 
 
-GROUPS = (("harmful", "none"), ("harmful", "prefill"), ("benign", "none"))  # (split, attack): one batch each
-
-
 def _jobs(harmful, benign, prefills) -> dict[tuple[str, str], list[tuple[BenchPrompt, str | list[dict], str]]]:
     """(split, attack) -> [(prompt, request, prefill text)] for every answer of one configuration."""
     attacked = []
