@@ -36,7 +36,7 @@ from pydantic import (
 
 from service.config import Settings
 from service.errors import InvalidRequestError, ValidationFailedError
-from service.search.params import SearchParams
+from service.search.params import SearchParams, params_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -162,23 +162,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
         s = self.safety or SafetyOptions()
         max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        params = SearchParams(
-            strategy=_default(s.strategy, settings.strategy),
-            budget=_default(s.budget, settings.budget),
-            top_p=_default(s.top_p, settings.top_p),
-            min_new_tokens=_default(s.min_new_tokens, settings.min_new_tokens),
-            max_new_tokens=_default(max_new, settings.max_new_tokens),
-            temperature=self.temperature,
-            seed=_default(self.seed, 0),
-            frequency_penalty=_default(self.frequency_penalty, settings.frequency_penalty),
-            presence_penalty=_default(self.presence_penalty, settings.presence_penalty),
-            repetition_penalty=_default(self.repetition_penalty, settings.repetition_penalty),
-            no_repeat_ngram_size=_default(self.no_repeat_ngram_size, settings.no_repeat_ngram_size),
-            tie_break=_default(s.tie_break, settings.tie_break),
-            mrm_weight=_default(s.mrm_weight, settings.mrm_weight),
-        )
         try:
-            return params.validate(max_budget=settings.max_budget, max_new_tokens_limit=settings.max_new_tokens_limit)
+            # Omitted fields (None) take the server defaults, as for the CLI and the library.
+            return params_from_settings(
+                settings, strategy=s.strategy, budget=s.budget, top_p=s.top_p, min_new_tokens=s.min_new_tokens,
+                max_new_tokens=max_new, temperature=self.temperature, seed=self.seed, tie_break=s.tie_break,
+                mrm_weight=s.mrm_weight, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            )
         except InvalidRequestError as e:
             if e.param == "max_new_tokens" and self.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"
@@ -204,10 +195,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 param="messages",
             )
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-
-
-def _default(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 def validation_error(errors: list[dict]) -> ValidationFailedError:

@@ -50,17 +50,11 @@ class SearchParams:
             )
         if self.beam_expand is not None:
             _check_int("beam_expand", self.beam_expand, 1, max_budget)
-        for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not -2.0 <= value <= 2.0:
-                raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {value!r}", param=name, code="out_of_range")
-        rp = self.repetition_penalty
-        if isinstance(rp, bool) or not isinstance(rp, int | float) or not 0.0 < rp <= 10.0:
-            raise InvalidRequestError(f"repetition_penalty must be a number in (0, 10], got {rp!r}", param="repetition_penalty", code="out_of_range")
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, 0.0, 10.0, open_low=True)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 16)
-        w = self.mrm_weight
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 1.0:
-            raise InvalidRequestError(f"mrm_weight must be a number in [0, 1], got {w!r}", param="mrm_weight", code="out_of_range")
+        _check_number("mrm_weight", self.mrm_weight, 0.0, 1.0)
         if self.tie_break not in TIE_BREAKS:
             raise InvalidRequestError(
                 f"unknown tie_break {self.tie_break!r}; accepted: {', '.join(TIE_BREAKS)}", param="tie_break", code="invalid_value"
@@ -91,3 +85,11 @@ def params_from_settings(settings, **overrides) -> SearchParams:
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidRequestError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name, code="out_of_range")
+
+
+def _check_number(name: str, value: float, lo: float, hi: float, *, open_low: bool = False) -> None:
+    """``value`` must be a number in [lo, hi] ((lo, hi] when ``open_low``)."""
+    low_ok = isinstance(value, int | float) and (value > lo if open_low else value >= lo)
+    if isinstance(value, bool) or not low_ok or not value <= hi:
+        interval = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
+        raise InvalidRequestError(f"{name} must be a number in {interval}, got {value!r}", param=name, code="out_of_range")

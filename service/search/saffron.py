@@ -35,7 +35,7 @@ def saffron(ctx: SearchContext) -> Strategy:
         if p.mrm_weight != 1.0:  # the policy's likelihood counts too (SearchParams.mrm_weight)
             log_probs = torch.log_softmax(logits.float(), dim=-1).clamp_min(-1e4)  # no -inf * 0
             rewards = p.mrm_weight * rewards.float() + (1.0 - p.mrm_weight) * log_probs
-        # Global top-N over every surviving (node, token) pair, scored by the MRM; unseen tokens
+        # Global top-N over every surviving (node, token) pair by its score (the MRM, weighted above); unseen tokens
         # already carry p.unseen_reward. Ties: see ranked_candidates and SearchParams.tie_break.
         best = ranked_candidates(rewards, logits, keep, min(p.budget, int(keep.sum())), p.tie_break)
         children = []
