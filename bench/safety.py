@@ -502,7 +502,8 @@ def run(args: argparse.Namespace) -> int:
             run_group(guard, method, budget, split, attack, group, cfg, files, done)
     print(f"generation: {time.perf_counter() - t0:.0f} s this run", file=sys.stderr)
 
-    records = [r for r in read_jsonl(files.records) if (r["method"], r["budget"]) in set(cfg.configs())]
+    configs = set(cfg.configs())
+    records = [r for r in read_jsonl(files.records) if (r["method"], r["budget"]) in configs]
     runs = read_jsonl(files.runs)
     summary = summarise(cfg, records, runs)
     summary.update({
