@@ -169,7 +169,7 @@ def _decisions(policy: Policy, mrm, records: list[RewardRecord], *, rollouts: in
             states.append((p, "after_prefill_attack", rec.response_ids[: rec.forced_tokens]))
     choices = []  # (state index, "policy"/"mrm", token)
     for i, (p, _, resp) in enumerate(tqdm(states, desc="eval decisions", unit="state")):
-        logits = policy.model(input_ids=torch.tensor([policy.prefix(p.text) + resp])).logits[0, -1].float()
+        logits = policy.engine.last_logits([policy.prefix(p.text) + resp])[0][0]  # the logits the search sees
         nucleus = nucleus_mask(logits[None], top_p)[0].nonzero().flatten()  # the search's own pruning
         mrm_in = torch.tensor([mrm.template.prefix_ids(tok, p.text) + resp], device=mrm.model.device)
         rewards = mask_unseen(mrm.model(input_ids=mrm_in).logits[:, -1, : logits.numel()].float(), mrm.unseen_mask, -1e9)[0].cpu()

@@ -21,7 +21,8 @@ continuations of y≤t are sampled up to ``response_tokens`` and judged; R(y≤t
 At the last token R is exact (the judged outcome of the response itself). Tokens between anchor
 points get the linear interpolation of their neighbours, so the labels move gradually where the
 answer turns instead of flipping at a keyword. All sampling is ancestral at temperature 1 with the
-same safety system prompt the service gives the policy.
+same safety system prompt the service gives the policy, on the service's own engine: every sample
+is a ``none`` search run by ``service.search.runner`` (``Policy``).
 
 Format (version 1): a directory with
   dataset.json   {"format": "saffron-token-rewards", "version": 1, "config": {...}, "policy": {...},
@@ -40,6 +41,7 @@ import hashlib
 import json
 import random
 import unicodedata
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +49,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
+from service.engine.trie_cache import TrieCache
 from service.errors import SaffronError
 from service.models import judge
-from service.models.bundle import eos_token_ids, pad_token_id
+from service.models.bundle import ModelBundle, eos_token_ids
+from service.search.calls import SearchContext
+from service.search.params import SearchParams
+from service.search.runner import RequestLayout, SearchRun, step_runs
 
 FORMAT = "saffron-token-rewards"
 VERSION = 1
@@ -212,13 +219,23 @@ def interpolate(anchors: dict[int, float], length: int) -> list[float]:
     return out
 
 
-class Policy:
-    """Batched ancestral sampling from the policy with its chat layout (left padding, KV cache)."""
+CACHE_BYTES = 1 << 30  # the policy's trie-cache budget: LRU leaves are evicted beyond it
 
-    def __init__(self, model, tokenizer, system_prompt: str):
+
+class Policy:
+    """The policy with its chat layout, sampled by the service's engine (a CachedLM over a TrieCache).
+
+    Every sample is a ``none`` search (temperature 1, EOS allowed from the first token, no
+    repetition controls) run by ``service.search.runner``, the code the service generates with, so
+    the reward data and the service sample the policy through one engine. Memory stays within the
+    trie's ``cache_bytes`` (least recently used leaves are evicted).
+    """
+
+    def __init__(self, model, tokenizer, system_prompt: str, cache_bytes: int = CACHE_BYTES):
         self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = pad_token_id(tokenizer)
+        self.engine = CachedLM(model, TrieCache(cache_bytes), "policy")
+        self.models = policy_bundle(model, tokenizer, self.engine)
         self._prefix: dict[str, list[int]] = {}
 
     def prefix(self, prompt: str) -> list[int]:
@@ -235,47 +252,66 @@ class Policy:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @torch.no_grad()
+    def search(self, prompt: str, response: list[int], new_tokens: int, seed: int) -> SearchRun:
+        """The search that samples up to ``new_tokens`` tokens after ``response`` (ancestral, temperature 1)."""
+        params = SearchParams(strategy="none", temperature=1.0, top_p=1.0, min_new_tokens=0, max_new_tokens=new_tokens, seed=seed)
+        return SearchRun(self.models, RequestLayout(self.prefix(prompt)), SearchContext(params, list(response), self.eos_ids))
+
     def continue_(self, rows: list[tuple[str, list[int]]], total: int, generator_seed: int, batch_rows: int = 128) -> list[list[int]]:
         """Continue each (prompt, response so far) to ``total`` response tokens or EOS; returns full responses.
 
-        Rows already at ``total`` or ending in EOS are returned unchanged. Rows are sampled in
-        batches grouped by how many tokens they still need, seeded from ``generator_seed`` so
-        the same rows give the same answers.
+        Rows already at ``total`` or ending in EOS are returned unchanged. Every other row is one
+        search (``search``) seeded by ``row_seeds``, so a row's answer depends on the row and
+        ``generator_seed`` only, not on its position or batch; ``batch_rows`` searches are stepped
+        together, their policy calls merged into one batched forward per step.
         """
-        out: list[list[int] | None] = [None] * len(rows)
-        todo = []
-        for i, (_, resp) in enumerate(rows):
-            if len(resp) >= total or (resp and resp[-1] in self.eos_ids):
-                out[i] = list(resp)
-            else:
-                todo.append(i)
-        groups: dict[int, list[int]] = {}
-        for i in todo:
-            groups.setdefault(total - len(rows[i][1]), []).append(i)
-        for g, (need, idx) in enumerate(sorted(groups.items())):
-            for start in range(0, len(idx), batch_rows):
-                batch = idx[start : start + batch_rows]
-                inputs = [self.prefix(rows[i][0]) + list(rows[i][1]) for i in batch]
-                width = max(map(len, inputs))
-                ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, seq in enumerate(inputs):
-                    ids[r, width - len(seq) :] = torch.tensor(seq)
-                    mask[r, width - len(seq) :] = 1
-                torch.manual_seed(_derive_seed(generator_seed, g, start))
-                gen = self.model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                    max_new_tokens=need, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-                )
-                for r, i in enumerate(batch):
-                    new = gen[r, width:].tolist()
-                    for k, tok in enumerate(new):
-                        if tok in self.eos_ids:
-                            new = new[: k + 1]
-                            break
-                    out[i] = list(rows[i][1]) + new
-        return out  # type: ignore[return-value]
+        out = [list(resp) for _, resp in rows]
+        pending = deque(
+            (i, seed) for i, ((_, resp), seed) in enumerate(zip(rows, row_seeds(rows, generator_seed)))
+            if len(resp) < total and not (resp and resp[-1] in self.eos_ids)
+        )
+        active: dict[SearchRun, int] = {}  # run -> its row
+        try:
+            while pending or active:
+                while pending and len(active) < batch_rows:
+                    i, seed = pending.popleft()
+                    prompt, resp = rows[i]
+                    run = self.search(prompt, resp, total - len(resp), seed)
+                    active[run] = i
+                    run.start()
+                for run in step_runs(list(active)):
+                    run.close()
+                    assert run.decision is not None
+                    out[active.pop(run)] = run.decision.ids
+        finally:
+            for run in active:
+                run.close()
+        return out
+
+
+def policy_bundle(model, tokenizer, engine: CachedLM | PlainLM) -> ModelBundle:
+    """A ModelBundle with the policy alone: enough for the strategies that only sample (none, best_of_n)."""
+    weight = next(model.parameters())
+    return ModelBundle(
+        tokenizer=tokenizer, policy=engine, policy_params=count_parameters(model), eos_ids=eos_token_ids(model, tokenizer),
+        mrm=None, mrm_engine=None, mrm_params=0, prm=None, prm_engine=None, prm_params=0,  # type: ignore[arg-type]
+        device=weight.device, dtype=weight.dtype,
+    )
+
+
+def row_seeds(rows: list[tuple[str, list[int]]], generator_seed: int) -> list[int]:
+    """One sampling seed per row, from ``generator_seed``, the row's content and its repeat number.
+
+    Equal rows (K rollouts of one state) get distinct seeds by counting repeats, so the seeds, and
+    the answers, follow the rows whatever order or batch they come in.
+    """
+    repeats: dict[tuple[str, tuple[int, ...]], int] = {}
+    seeds = []
+    for prompt, resp in rows:
+        key = (prompt, tuple(resp))
+        repeats[key] = repeats.get(key, -1) + 1
+        seeds.append(_derive_seed(generator_seed, prompt, key[1], repeats[key]))
+    return seeds
 
 
 def _derive_seed(*parts) -> int:
@@ -290,6 +326,7 @@ def build_chunk(policy: Policy, config: BuildConfig, split: str, chunk_index: in
     """All records of one chunk of prompts (deterministic given config.seed, split and chunk index)."""
     seed = _derive_seed(config.seed, split, chunk_index)
     rng = random.Random(seed)
+    policy.engine.cache.clear()  # every chunk starts from an empty cache: a resumed build repeats an uninterrupted one
     chunk = f"{split}/{chunk_index}"
     L = config.response_tokens
     harmful = [p for p in prompts if p.harmful]

@@ -32,6 +32,10 @@ from model_store.rewards import (
     read_prompts,
     seen_tokens,
 )
+from service.engine.cached_lm import PlainLM
+from service.search.calls import SearchContext
+from service.search.params import SearchParams
+from service.search.runner import RequestLayout, SearchRun
 from tests.model_store.tiny import char_tokenizer
 
 
@@ -459,3 +463,63 @@ def test_build_refuses_bad_prompt_file(tmp_path: Path, data_dir: Path, policy: P
     config = build_config(data_dir, splits={"train": (PromptSet("harm", str(data_dir / "harm.txt"), 1, 2, True),)})
     with pytest.raises(DatasetError, match="duplicate of line 1"):
         build_dataset(tmp_path / "ds", policy, config, policy_info=POLICY_INFO, data_dir=data_dir)
+
+
+# ----------------------------------------------------------------------------- the sampler (the service's engine)
+
+
+TOTAL = 16  # long enough for the tiny policy to end some answers at EOS
+
+
+def sampler_rows(policy: Policy) -> list[tuple[str, list[int]]]:
+    eos = min(policy.eos_ids)
+    return [
+        (HARMFUL[0], []),
+        (BENIGN[0], policy.encode("Sure")),
+        (HARMFUL[0], []),  # the same state again (a second rollout): its own seed, its own answer
+        (HARMFUL[1], policy.encode("I can't")),
+        (BENIGN[1], policy.encode("abcdefghijklmnop")),  # already at TOTAL: unchanged
+        (BENIGN[2], policy.encode("ok") + [eos]),  # ended: unchanged
+        (HARMFUL[2], policy.encode("Here")),
+    ]
+
+
+def by_row(rows: list[tuple[str, list[int]]], answers: list[list[int]]) -> dict[tuple[str, tuple[int, ...]], list[list[int]]]:
+    """Answers per distinct row, equal rows in their order of appearance."""
+    out: dict[tuple[str, tuple[int, ...]], list[list[int]]] = {}
+    for (prompt, resp), answer in zip(rows, answers):
+        out.setdefault((prompt, tuple(resp)), []).append(answer)
+    return out
+
+
+def test_continue_samples_exactly_what_a_none_search_of_the_service_samples(policy: Policy):
+    """Each row's rollout is the service's own ``none`` search at temperature 1, run alone on an uncached engine."""
+    rows, total = sampler_rows(policy), TOTAL
+    answers = policy.continue_(rows, total, generator_seed=7, batch_rows=3)
+    sampled = 0
+    reference = rewards.policy_bundle(policy.model, policy.tokenizer, PlainLM(policy.model))
+    for (prompt, resp), seed, answer in zip(rows, rewards.row_seeds(rows, 7), answers):
+        assert answer[: len(resp)] == resp and len(answer) <= total
+        if len(resp) >= total or resp[-1:] and resp[-1] in policy.eos_ids:
+            assert answer == resp
+            continue
+        params = SearchParams(strategy="none", temperature=1.0, top_p=1.0, min_new_tokens=0, max_new_tokens=total - len(resp), seed=seed)
+        alone = SearchRun(reference, RequestLayout(policy.prefix(prompt)), SearchContext(params, list(resp), policy.eos_ids)).run()
+        assert answer == alone.ids, prompt
+        sampled += 1
+        assert len(answer) == total or answer[-1] in policy.eos_ids  # it ends at EOS (kept) or at total
+        assert not any(t in policy.eos_ids for t in answer[:-1])
+    assert sampled == 5 and answers[0][-1] in policy.eos_ids and len(answers[0]) < total  # one stopped at EOS
+    assert answers[0] != answers[2], "two rollouts of one state sampled the same seed"
+    assert all(n.lock_ref == 0 for n in policy.engine.cache._iter_nodes()), "a finished rollout left trie nodes pinned"
+
+
+def test_continue_answers_do_not_depend_on_row_order_or_batch(policy: Policy):
+    rows, total = sampler_rows(policy), TOTAL
+    answers = policy.continue_(rows, total, generator_seed=3)
+    policy.engine.cache.clear()
+    reordered = rows[::-1]
+    again = policy.continue_(reordered, total, generator_seed=3, batch_rows=1)
+    assert by_row(reordered, again) == by_row(rows, answers)
+    assert policy.continue_([rows[3]], total, generator_seed=3) == [answers[3]]  # alone, on a warm cache
+    assert policy.continue_(rows, total, generator_seed=4) != answers
