@@ -7,6 +7,11 @@ with ``inc_lock_ref`` (which pins the whole path to the root) and released in ``
 
 Values are stored per node as one tensor ``kv[n_layers, 2, n_kv_heads, n_tokens, head_dim]``
 so a node split or a batch gather is one slice per node, whatever the number of layers.
+
+Memory: a node holds its KV and, only while it is a leaf (a search frontier), the full-vocabulary
+logits at its last token; they are dropped when the node gets a child. The byte budget counts both,
+pinned nodes included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
+is 46,080 bytes of KV; logits are 196,608 bytes per leaf, not per token.
 """
 
 from __future__ import annotations
@@ -122,6 +127,9 @@ class TrieCache:
         node.value, node.logits = value, logits
         parent.children[key[0]] = node
         self._account(node, +1)
+        # A node with children is no longer a frontier: its logits were read when it was expanded,
+        # and a rare later query recomputes them from the cached KV (CachedLM counts that).
+        self.drop_logits(parent)
         self.counters.inserted_tokens += len(key)
         return node
 
@@ -130,6 +138,12 @@ class TrieCache:
         assert node.logits is None, f"{node} already has logits"
         node.logits = logits
         self._bytes += logits.numel() * logits.element_size()
+
+    def drop_logits(self, node: TreeNode) -> None:
+        """Forget a node's last-token logits (its KV stays); no-op when it has none."""
+        if node.logits is not None:
+            self._bytes -= node.logits.numel() * node.logits.element_size()
+            node.logits = None
 
     def _split(self, child: TreeNode, k: int) -> TreeNode:
         """Split ``child`` after its first ``k`` tokens; return the new upper node (which has no logits)."""

@@ -124,3 +124,24 @@ def test_long_prefill_is_not_batched_with_one_token_decode_rows(tiny_llama):
     assert stats.forward_calls == 2 and stats.forwarded_tokens == 42
     for seq, row in zip(seqs, logits):
         torch.testing.assert_close(row, full_forward_last_logits(tiny_llama, seq), atol=1e-4, rtol=0)
+
+
+def test_only_frontier_nodes_keep_logits(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    frontier = [list(range(1, 20))]
+    for step in range(6):  # a search-like tree: every node gets two children
+        lm.last_logits(frontier)
+        frontier = [seq + [t] for seq in frontier for t in (step + 1, step + 2)][:8]
+    lm.last_logits(frontier)
+    cache = lm.cache
+    nodes = list(cache._iter_nodes())
+    assert {n.logits is not None for n in nodes if n.children} == {False}  # expanded: logits dropped
+    assert all(n.logits is not None for n in nodes if not n.children)
+    kv_bytes = sum(n.value.numel() * n.value.element_size() for n in nodes)
+    leaf_logits = sum(n.logits.numel() * n.logits.element_size() for n in nodes if not n.children)
+    assert cache.nbytes == kv_bytes + leaf_logits
+    cache.check_invariants()
+    # A dropped node asked for again is recomputed from its KV, one token.
+    logits, _, stats = lm.last_logits([frontier[0][:-1]])
+    assert (stats.forwarded_tokens, stats.recomputed_tokens) == (1, 1)
+    torch.testing.assert_close(logits[0], full_forward_last_logits(tiny_llama, frontier[0][:-1]), atol=1e-4, rtol=0)
