@@ -17,11 +17,13 @@ position ids keep every row equal to its own unpadded forward.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import DynamicCache
 
+from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TreeNode, TrieCache, common_prefix_len
 
 
@@ -75,6 +77,8 @@ def forward_batch(
     prefix_lens: list[int],
     suffixes: list[list[int]],
     want_kv: bool = True,
+    adapters: RowAdapters | None = None,
+    row_adapters: list[str | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One padded forward of ``suffixes`` on top of their prefix KV.
 
@@ -85,6 +89,8 @@ def forward_batch(
         prefix_lens: cached prefix length per row (0 for none).
         suffixes: tokens to forward per row (each non-empty).
         want_kv: return the suffixes' KV (the no-cache baseline does not keep it).
+        adapters, row_adapters: the row adapters installed on ``model`` and which one each row
+            gets (None: the base model); without them every row sees the base model.
 
     Returns:
         ``(kv_rows, logits)``: per row the new KV ``[L, 2, H, S_b, D]`` (empty list if not
@@ -125,14 +131,15 @@ def forward_batch(
         cache = DynamicCache(ddp_cache_data=[(kv[i, 0], kv[i, 1]) for i in range(n_layers)], config=model.config)
 
     last = torch.tensor([len(s) - 1 for s in suffixes])[:, None]  # [B, 1]
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=position_ids.to(device),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=last.to(device),
-    )
+    with adapters.active(row_adapters or [None] * B) if adapters is not None else nullcontext():
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=last.to(device),
+        )
     logits = out.logits[:, 0, :]  # [B, V]
     if not want_kv:
         return [], logits
@@ -144,12 +151,20 @@ def forward_batch(
 
 
 class CachedLM:
-    """Next-token logits for batches of token sequences, sharing computation through a TrieCache."""
+    """Next-token logits for batches of token sequences, sharing computation through a TrieCache.
 
-    def __init__(self, model, cache: TrieCache, name: str = "model"):
+    Engines over the same ``model`` (one backbone) may carry different row adapters
+    (``adapters`` / ``adapter``, service.engine.row_adapters): ``last_logits_together`` then runs
+    their rows in one forward, reading the backbone's weights once.
+    """
+
+    def __init__(self, model, cache: TrieCache, name: str = "model", adapters: RowAdapters | None = None, adapter: str | None = None):
+        assert adapter is None or (adapters is not None and adapter in adapters.adapters), f"{adapter=} is not installed"
         self.model = model.eval()
         self.cache = cache
         self.name = name
+        self.adapters = adapters  # the row adapters installed on model (None: none)
+        self.adapter = adapter  # which of them this engine's rows get (None: the base model)
         self.total = CallStats()  # lifetime counters (monotonic)
 
     @property
@@ -167,86 +182,7 @@ class CachedLM:
         Returns ``(logits [B, V] float32, nodes, stats)``: ``nodes[b]`` is the trie node ending
         at sequence b.
         """
-        assert seqs and all(seqs), "every sequence needs at least one token"
-        stats = CallStats(queries=len(seqs), row_forwarded=[0] * len(seqs), row_recomputed=[0] * len(seqs))
-        results: list[torch.Tensor | None] = [None] * len(seqs)
-        nodes: list[TreeNode | None] = [None] * len(seqs)
-        held: list[TreeNode] = []  # pinned for this call so a tiny budget cannot evict them mid-call
-        try:
-            while True:
-                # group -> (attach node, prefix length, suffix) ; one forward per distinct group
-                groups: dict[tuple[int, int], list[int]] = {}
-                plans: list[tuple[TreeNode, int, list[int]]] = []
-                for i, seq in enumerate(seqs):
-                    if results[i] is not None:
-                        continue
-                    node, n = self.cache.match_prefix(seq)
-                    if n == len(seq) and node.logits is not None:
-                        results[i], nodes[i] = node.logits, node
-                        continue
-                    if n == len(seq):  # all KV cached, but a split left this node without logits
-                        key = (node.id, -1)
-                        plan = (node, n - 1, [seq[-1]])
-                    else:
-                        key = (node.id, seq[n])
-                        plan = (node, n, list(seq[n:]))
-                    if key not in groups:
-                        groups[key] = []
-                        plans.append(plan)
-                    groups[key].append(i)
-                if not plans:
-                    break
-                plans = [self._trim_to_branch(plan, [seqs[i] for i in groups[_key(plan)]]) for plan in plans]
-                for node, _, _ in plans:
-                    self.cache.inc_lock_ref(node)
-                    held.append(node)
-                outputs = []
-                for group in _length_groups(plans):
-                    kv_rows, logits = forward_batch(
-                        self.model,
-                        [[(seg.value, len(seg.key)) for seg in self.cache.path(node)] for node, _, _ in group],
-                        [p for _, p, _ in group],
-                        [suffix for _, _, suffix in group],
-                    )
-                    stats.forward_calls += 1
-                    outputs += zip(group, kv_rows, logits)
-                for plan, kv, lg in outputs:
-                    node, p, suffix = plan
-                    owner = groups[_key(plan)][0]
-                    stats.forwarded_tokens += len(suffix)
-                    stats.row_forwarded[owner] += len(suffix)
-                    if p < node.end:  # recompute of a split node's last token: keep its KV, add logits
-                        stats.recomputed_tokens += len(suffix)
-                        stats.row_recomputed[owner] += len(suffix)
-                        self.cache.set_logits(node, lg.to(kv.dtype))
-                        continue
-                    child = self.cache.insert(node, tuple(suffix), kv, lg.to(kv.dtype))
-                    self.cache.inc_lock_ref(child)
-                    held.append(child)
-            if pin:
-                self.pin(nodes)  # type: ignore[arg-type]
-        finally:
-            for node in held:
-                self.cache.dec_lock_ref(node)
-            self.cache.evict()
-        # Query tokens that did not need a forward of their own (cached, or shared within the call).
-        stats.reused_tokens = sum(map(len, seqs)) - (stats.forwarded_tokens - stats.recomputed_tokens)
-        self.total.add(stats)
-        return torch.stack([r.float() for r in results]), nodes, stats  # type: ignore[union-attr,misc]
-
-    @staticmethod
-    def _trim_to_branch(plan: tuple[TreeNode, int, list[int]], members: list[list[int]]) -> tuple[TreeNode, int, list[int]]:
-        """Forward only the part of the suffix that every sequence of the group shares.
-
-        Sequences attached at the same node with the same next token share at least that token;
-        if they diverge later, this wave forwards the common part and the next wave the rest.
-        """
-        node, p, suffix = plan
-        if p < node.end:
-            return plan
-        k = min(common_prefix_len(suffix, seq, p) for seq in members)
-        assert k >= 1, f"{k=}"
-        return node, p, suffix[:k]
+        return last_logits_together([(self, seqs)], pin)[0]
 
     def pin(self, nodes: list[TreeNode]) -> None:
         for node in nodes:
@@ -258,23 +194,152 @@ class CachedLM:
         self.cache.evict()
 
 
-def _length_groups(plans: list[tuple[TreeNode, int, list[int]]], max_waste: int = 2) -> list[list]:
-    """Split plans into forwards whose suffix lengths differ by at most ``max_waste``x.
+Plan = tuple[TreeNode, int, list[int]]  # (attach node, prefix length, suffix to forward)
+
+
+class _Query:
+    """One engine's rows in a ``last_logits_together`` call, and what they have got so far."""
+
+    def __init__(self, engine: CachedLM, seqs: list[list[int]]):
+        assert seqs and all(seqs), "every sequence needs at least one token"
+        self.engine, self.cache, self.seqs = engine, engine.cache, seqs
+        self.stats = CallStats(queries=len(seqs), row_forwarded=[0] * len(seqs), row_recomputed=[0] * len(seqs))
+        self.results: list[torch.Tensor | None] = [None] * len(seqs)
+        self.nodes: list[TreeNode | None] = [None] * len(seqs)
+        self.held: list[TreeNode] = []  # pinned for this call so a tiny budget cannot evict them mid-call
+        self.groups: dict[tuple[int, int], list[int]] = {}  # plan key -> rows it serves, this wave
+
+    def plan_wave(self) -> list[Plan]:
+        """One forward per distinct (attach node, next token) among rows not answered yet."""
+        self.groups = {}
+        plans: list[Plan] = []
+        for i, seq in enumerate(self.seqs):
+            if self.results[i] is not None:
+                continue
+            node, n = self.cache.match_prefix(seq)
+            if n == len(seq) and node.logits is not None:
+                self.results[i], self.nodes[i] = node.logits, node
+                continue
+            if n == len(seq):  # all KV cached, but a split (or an expansion) left this node without logits
+                key, plan = (node.id, -1), (node, n - 1, [seq[-1]])
+            else:
+                key, plan = (node.id, seq[n]), (node, n, list(seq[n:]))
+            if key not in self.groups:
+                self.groups[key] = []
+                plans.append(plan)
+            self.groups[key].append(i)
+        plans = [_trim_to_branch(plan, [self.seqs[i] for i in self.groups[_key(plan)]]) for plan in plans]
+        for node, _, _ in plans:
+            self.hold(node)
+        return plans
+
+    def hold(self, node: TreeNode) -> None:
+        self.cache.inc_lock_ref(node)
+        self.held.append(node)
+
+    def take(self, plan: Plan, kv: torch.Tensor, logits: torch.Tensor) -> None:
+        """Store one forwarded plan's KV and logits in the trie."""
+        node, p, suffix = plan
+        owner = self.groups[_key(plan)][0]
+        self.stats.forwarded_tokens += len(suffix)
+        self.stats.row_forwarded[owner] += len(suffix)
+        if p < node.end:  # recompute of a node's last token: keep its KV, add logits
+            self.stats.recomputed_tokens += len(suffix)
+            self.stats.row_recomputed[owner] += len(suffix)
+            self.cache.set_logits(node, logits.to(kv.dtype))
+            return
+        self.hold(self.cache.insert(node, tuple(suffix), kv, logits.to(kv.dtype)))
+
+    def release(self) -> None:
+        for node in self.held:
+            self.cache.dec_lock_ref(node)
+        self.held = []
+        self.cache.evict()
+
+    def result(self) -> tuple[torch.Tensor, list[TreeNode], CallStats]:
+        # Query tokens that did not need a forward of their own (cached, or shared within the call).
+        st = self.stats
+        st.reused_tokens = sum(map(len, self.seqs)) - (st.forwarded_tokens - st.recomputed_tokens)
+        self.engine.total.add(st)
+        return torch.stack([r.float() for r in self.results]), self.nodes, st  # type: ignore[union-attr,misc]
+
+
+def last_logits_together(
+    requests: list[tuple[CachedLM, list[list[int]]]], pin: bool = False
+) -> list[tuple[torch.Tensor, list[TreeNode], CallStats]]:
+    """``engine.last_logits(seqs, pin)`` for every (engine, seqs), rows of engines that share a model in one forward.
+
+    Each engine keeps its own trie; only the forward is shared, with every row getting its engine's
+    adapter. Results are in request order, each exactly what the engine's own call would return
+    (up to float rounding from the batch shape).
+    """
+    queries = [_Query(engine, seqs) for engine, seqs in requests]
+    try:
+        while True:
+            wave = [(q, plan) for q in queries for plan in q.plan_wave()]
+            if not wave:
+                break
+            by_model: dict[int, list[tuple[_Query, Plan]]] = {}
+            for item in wave:
+                by_model.setdefault(id(item[0].engine.model), []).append(item)
+            outputs = []
+            for items in by_model.values():
+                engine = items[0][0].engine
+                assert all(q.engine.adapters is engine.adapters for q, _ in items), "engines on one model must share its row adapters"
+                for group in _length_groups(items, lambda item: len(item[1][2])):
+                    kv_rows, logits = forward_batch(
+                        engine.model,
+                        [[(seg.value, len(seg.key)) for seg in q.cache.path(plan[0])] for q, plan in group],
+                        [plan[1] for _, plan in group],
+                        [plan[2] for _, plan in group],
+                        adapters=engine.adapters,
+                        row_adapters=[q.engine.adapter for q, _ in group],
+                    )
+                    for q in {id(q): q for q, _ in group}.values():
+                        q.stats.forward_calls += 1
+                    outputs += zip(group, kv_rows, logits)
+            for (q, plan), kv, lg in outputs:
+                q.take(plan, kv, lg)
+        if pin:
+            for q in queries:
+                q.engine.pin(q.nodes)  # type: ignore[arg-type]
+    finally:
+        for q in queries:
+            q.release()
+    return [q.result() for q in queries]
+
+
+def _trim_to_branch(plan: Plan, members: list[list[int]]) -> Plan:
+    """Forward only the part of the suffix that every sequence of the group shares.
+
+    Sequences attached at the same node with the same next token share at least that token;
+    if they diverge later, this wave forwards the common part and the next wave the rest.
+    """
+    node, p, suffix = plan
+    if p < node.end:
+        return plan
+    k = min(common_prefix_len(suffix, seq, p) for seq in members)
+    assert k >= 1, f"{k=}"
+    return node, p, suffix[:k]
+
+
+def _length_groups(items: list, suffix_len, max_waste: int = 2) -> list[list]:
+    """Split items into forwards whose suffix lengths (``suffix_len(item)``) differ by at most ``max_waste``x.
 
     Rows are right-padded to the longest suffix of their forward, so one long prefill in a
     batch of one-token decode rows would multiply their cost; grouping by length bounds that.
     """
-    ordered = sorted(plans, key=lambda plan: len(plan[2]))
+    ordered = sorted(items, key=suffix_len)
     groups: list[list] = []
-    for plan in ordered:
-        if groups and len(plan[2]) <= max_waste * max(1, len(groups[-1][0][2])):
-            groups[-1].append(plan)
+    for item in ordered:
+        if groups and suffix_len(item) <= max_waste * max(1, suffix_len(groups[-1][0])):
+            groups[-1].append(item)
         else:
-            groups.append([plan])
+            groups.append([item])
     return groups
 
 
-def _key(plan: tuple[TreeNode, int, list[int]]) -> tuple[int, int]:
+def _key(plan: Plan) -> tuple[int, int]:
     node, p, suffix = plan
     return (node.id, -1) if p < node.end else (node.id, suffix[0])
 
@@ -282,9 +347,10 @@ def _key(plan: tuple[TreeNode, int, list[int]]) -> tuple[int, int]:
 class PlainLM:
     """The no-cache baseline: every call forwards every sequence from its first token."""
 
-    def __init__(self, model, name: str = "model"):
+    def __init__(self, model, name: str = "model", adapters: RowAdapters | None = None, adapter: str | None = None):
         self.model = model.eval()
         self.name = name
+        self.adapters, self.adapter = adapters, adapter
         self.total = CallStats()
 
     @property
@@ -293,7 +359,8 @@ class PlainLM:
 
     def last_logits(self, seqs: list[list[int]], pin: bool = False) -> tuple[torch.Tensor, list[None], CallStats]:
         assert seqs and all(seqs), "every sequence needs at least one token"
-        _, logits = forward_batch(self.model, [[] for _ in seqs], [0] * len(seqs), [list(s) for s in seqs], want_kv=False)
+        _, logits = forward_batch(self.model, [[] for _ in seqs], [0] * len(seqs), [list(s) for s in seqs], want_kv=False,
+                                  adapters=self.adapters, row_adapters=[self.adapter] * len(seqs))
         lens = [len(s) for s in seqs]
         stats = CallStats(queries=len(seqs), forwarded_tokens=sum(lens), forward_calls=1, row_forwarded=lens, row_recomputed=[0] * len(seqs))
         self.total.add(stats)

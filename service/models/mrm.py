@@ -26,6 +26,7 @@ from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from service.engine.row_adapters import RowAdapters
 from service.errors import ModelNotPreparedError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,6 +91,7 @@ class MRM:
     name: str
     trained: bool  # False only for the placeholder, which is not a safety model
     template: MRMTemplate = field(default_factory=MRMTemplate)
+    adapter: str | None = None  # set when ``model`` is the shared policy backbone and the MRM is its row adapter of this name
 
     @property
     def vocab_size(self) -> int:
@@ -268,6 +270,24 @@ def load_mrm(base_model: nn.Module, tokenizer, adapter_dir: str | Path, name: st
     return MRM(model=model, tokenizer=tokenizer, unseen_mask=artifacts.unseen_mask.to(device), name=name, trained=True)
 
 
+def load_mrm_on_backbone(adapters: RowAdapters, tokenizer, adapter_dir: str | Path, name: str) -> MRM:
+    """The MRM as a row adapter on the policy's own backbone (no second copy, no merge).
+
+    ``adapters`` are the row adapters of the policy model, which must be the MRM's base. Engines
+    over that model then run policy and MRM rows in one forward (service.engine.row_adapters);
+    the rows of this adapter equal ``load_mrm``'s merged model up to float rounding.
+    """
+    artifacts = load_mrm_artifacts(adapter_dir)
+    if len(tokenizer) > artifacts.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the MRM at {adapter_dir} scores only "
+            f"{artifacts.vocab_size}; policy and MRM must share a vocabulary"
+        )
+    adapters.add(name, artifacts.adapter_config, artifacts.lora_state, head_bias=artifacts.lm_head_bias)
+    device = next(adapters.model.parameters()).device
+    return MRM(model=adapters.model, tokenizer=tokenizer, unseen_mask=artifacts.unseen_mask.to(device), name=name, trained=True, adapter=name)
+
+
 def placeholder_mrm(policy_model: nn.Module, tokenizer) -> MRM:
     """A stand-in MRM that is NOT a safety model: the policy itself, its logits read as "rewards".
 
@@ -276,6 +296,6 @@ def placeholder_mrm(policy_model: nn.Module, tokenizer) -> MRM:
     with the policy (no copy, no bias) and no token is masked as unseen. ``trained`` is False and the
     settings refuse it in production.
     """
-    head = policy_model.get_output_embeddings()
-    unseen = torch.zeros(head.out_features, dtype=torch.bool, device=head.weight.device)
+    head = policy_model.get_output_embeddings()  # may be int8-quantized: no .weight tensor to ask
+    unseen = torch.zeros(head.out_features, dtype=torch.bool, device=next(policy_model.parameters()).device)
     return MRM(model=policy_model, tokenizer=tokenizer, unseen_mask=unseen, name=PLACEHOLDER_NAME, trained=False)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from service.engine.cached_lm import CallStats, PrefixCounter
+from service.engine.cached_lm import CallStats, PrefixCounter, last_logits_together
 from service.engine.trie_cache import common_prefix_len
 from service.models.bundle import ModelBundle
 from service.search import STRATEGY_FNS
@@ -156,21 +156,28 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
     across requests), then each run gets its own rows back. Runs must share one ModelBundle.
     """
     results: dict[int, list[torch.Tensor | None]] = {id(r): [None] * len(r.pending or []) for r in runs}
+    batches = []  # per model kind: (engine, rows, the rows' merged sequences)
     for kind in ("policy", "mrm", "prm"):
         rows = [(r, i, call, r.inputs(call)) for r in runs for i, call in enumerate(r.pending or []) if call.kind == kind]
-        if not rows:
-            continue
-        seqs = [seq for _, _, _, inputs in rows for seq in inputs]
-        engine = rows[0][0].engine(kind)
-        logits, nodes, cs = engine.last_logits(seqs, pin=True)
-        start = 0
-        try:
+        if rows:
+            batches.append((rows[0][0].engine(kind), rows, [seq for _, _, _, inputs in rows for seq in inputs]))
+    # Cached engines on one backbone (the policy and its MRM adapter) share their forwards.
+    together = iter(last_logits_together([(engine, seqs) for engine, _, seqs in batches if engine.cached], pin=True))
+    outputs = {id(b): next(together) for b in batches if b[0].cached}
+    unowned = {key: nodes for key, (_, nodes, _) in outputs.items()}  # pins no run has taken yet
+    try:
+        for batch in batches:
+            engine, rows, seqs = batch
+            logits, nodes, cs = outputs[id(batch)] if engine.cached else engine.last_logits(seqs, pin=True)
+            start = 0
             for run, i, call, inputs in rows:
-                lo, start = start, start + len(inputs)  # from here the run owns its rows' pins (accept stores them first)
+                lo, start = start, start + len(inputs)
+                unowned[id(batch)] = nodes[start:]  # from here the run owns its rows' pins (accept stores them first)
                 results[id(run)][i] = run.accept(call, inputs, logits[lo:start], nodes[lo:start], cs.rows(inputs, lo, start))
-        except BaseException:
-            engine.unpin(nodes[start:])  # rows no run took ownership of
-            raise
+    except BaseException:
+        for b in batches:
+            b[0].unpin(unowned.get(id(b), []))
+        raise
     for run in runs:
         for i, call in enumerate(run.pending or []):
             if call.kind == "judge":
