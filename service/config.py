@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     prm_model: str = "smollm2-135m-safety-prm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # CPU only: "int8" replaces every Linear by its dynamic int8 version (service/models/quantize.py).
+    quantize: Literal["none", "int8"] = "none"
+    # One forward for policy and MRM rows: the MRM's LoRA applied per row on the policy's own backbone
+    # (service/engine/row_adapters.py). False: the MRM merged into a second copy, a second forward per step.
+    share_backbone: bool = True
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 

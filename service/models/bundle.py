@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model_store.registry import resolve, verify_model_dir
 from service.config import Settings
 from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
+from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TrieCache
 from service.models import judge
-from service.models.mrm import MRM, load_mrm, placeholder_mrm
+from service.models.mrm import MRM, load_mrm, load_mrm_on_backbone, placeholder_mrm
 from service.models.prm import VALUE_HEAD, GuardPRM, ValuePRM, load_value_prm
+from service.models.quantize import quantize_int8
 from service.search.calls import mask_unseen
 
 logger = logging.getLogger(__name__)
@@ -107,8 +109,10 @@ class ModelBundle:
         return info
 
 
-def _engine(model, settings: Settings, use_cache: bool, name: str) -> CachedLM | PlainLM:
-    return CachedLM(model, TrieCache(settings.trie_cache_bytes), name) if use_cache else PlainLM(model, name)
+def _engine(model, settings: Settings, use_cache: bool, name: str, adapters: RowAdapters | None = None, adapter: str | None = None) -> CachedLM | PlainLM:
+    if use_cache:
+        return CachedLM(model, TrieCache(settings.trie_cache_bytes), name, adapters, adapter)
+    return PlainLM(model, name, adapters, adapter)
 
 
 def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | ValuePRM, object]:
@@ -128,29 +132,45 @@ def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | V
 def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
     device, dtype = select_device(settings)
-    logger.info("loading models on %s (%s)", device, dtype)
+    logger.info("loading models on %s (%s, quantize=%s, share_backbone=%s)", device, dtype, settings.quantize, settings.share_backbone)
     policy_model, tokenizer = load_causal_lm(settings.policy_model, settings)
+    # Counted before quantization (which turns Linear weights into packed buffers): FLOPs stay comparable.
+    policy_params = count_parameters(policy_model)
+    if settings.quantize == "int8":
+        quantize_int8(policy_model)
+    adapters = RowAdapters(policy_model)
 
     mrm_spec = resolve(settings.mrm_model, settings)
     if mrm_spec.spec is not None and not mrm_spec.spec.trained:
-        mrm = placeholder_mrm(policy_model, tokenizer)
+        mrm, mrm_params = placeholder_mrm(policy_model, tokenizer), policy_params
+    elif settings.share_backbone:  # the MRM is a LoRA on the policy's backbone: one copy, one forward
+        mrm, mrm_params = load_mrm_on_backbone(adapters, tokenizer, mrm_spec.location, name=settings.mrm_model), policy_params
     else:
         base, _ = load_causal_lm(settings.policy_model, settings)
         mrm = load_mrm(base, tokenizer, mrm_spec.location, name=settings.mrm_model)
+        mrm_params = count_parameters(mrm.model)
+        if settings.quantize == "int8":
+            quantize_int8(mrm.model)
     prm, prm_model = _load_prm(settings, policy_model, tokenizer)
-    prm_engine = _engine(prm_model, settings, use_cache, "prm")
+    prm_params = policy_params if prm_model is policy_model else count_parameters(prm_model)
+    if settings.quantize == "int8" and prm_model is not policy_model:
+        quantize_int8(prm_model)
+
+    def engine(model, name: str, adapter: str | None = None) -> CachedLM | PlainLM:
+        # Every engine on the policy's backbone carries its row adapters, so their rows can share a forward.
+        return _engine(model, settings, use_cache, name, adapters if model is policy_model else None, adapter)
 
     return ModelBundle(
         tokenizer=tokenizer,
-        policy=_engine(policy_model, settings, use_cache, "policy"),
-        policy_params=count_parameters(policy_model),
+        policy=engine(policy_model, "policy"),
+        policy_params=policy_params,
         eos_ids=eos_token_ids(policy_model, tokenizer),
         mrm=mrm,
-        mrm_engine=_engine(mrm.model, settings, use_cache, "mrm"),
-        mrm_params=count_parameters(mrm.model),
+        mrm_engine=engine(mrm.model, "mrm", mrm.adapter),
+        mrm_params=mrm_params,
         prm=prm,
-        prm_engine=prm_engine,
-        prm_params=count_parameters(prm_model),
+        prm_engine=engine(prm_model, "prm"),
+        prm_params=prm_params,
         device=device,
         dtype=dtype,
     )
