@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (bench/README.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from bench import safety
+    from bench import engine, safety
 
     safety.add_arguments(bench_sub.add_parser("safety", help="ASR, clean refusals, degenerate answers and over-refusal vs compute, per method"))
+    engine.add_arguments(bench_sub.add_parser("engine", help="engine speed and memory: greedy vs transformers, saffron per engine path, bytes per cached token"))
     return parser
 
 
@@ -115,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_gateway(Settings(), host=args.host, port=args.port)
         if args.command == "bench":
-            from bench import safety
+            from bench import engine, safety
 
-            return safety.run(args)
+            return {"safety": safety.run, "engine": engine.run}[args.bench](args)
         if args.command == "worker":
             from service.worker.main import run_worker
 
