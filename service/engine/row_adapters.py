@@ -34,7 +34,7 @@ class Adapter:
     """One LoRA: per target module the factors, the scale folded into B."""
 
     name: str
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module path -> (A [r, in], scale * B [out, r])
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module path -> (A^T [in, r], (scale * B)^T [r, out])
     head_bias: torch.Tensor | None = None  # [V] added to the output-embedding rows of this adapter
 
 
@@ -52,7 +52,7 @@ class RowAdapters:
         self.adapters: dict[str, Adapter] = {}
         self._modules = dict(model.named_modules())
         self._hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._rows: dict[str, torch.Tensor] = {}  # adapter name -> row indices of the running forward
+        self._rows: dict[str, slice | torch.Tensor] = {}  # adapter name -> its rows in the running forward
 
     def add(self, name: str, adapter_config: dict, lora_state: dict[str, torch.Tensor], head_bias: torch.Tensor | None = None) -> Adapter:
         """Install a LoRA saved by peft (``adapter_config.json`` as a dict, its state dict) under ``name``."""
@@ -78,7 +78,8 @@ class RowAdapters:
             if (a.shape[1], b.shape[0]) != (module.in_features, module.out_features) or a.shape[0] != b.shape[1]:
                 raise ValueError(f"adapter {name!r}: {path} LoRA shapes A {list(a.shape)} B {list(b.shape)} "
                                  f"do not fit a {module.in_features} -> {module.out_features} layer")
-            adapter.lora[path] = (a.to(ref.device, ref.dtype), (b.float() * scale).to(ref.device, ref.dtype))
+            # Stored transposed and contiguous, as the hooks multiply: x @ A^T, then @ (scale * B)^T.
+            adapter.lora[path] = (a.T.contiguous().to(ref.device, ref.dtype), (b.float() * scale).T.contiguous().to(ref.device, ref.dtype))
         if head_bias is not None:
             if head_bias.numel() != head.out_features:
                 raise ValueError(f"adapter {name!r}: head bias has {head_bias.numel()} entries, the LM head {head.out_features} outputs")
@@ -97,7 +98,11 @@ class RowAdapters:
         device = next(self.model.parameters()).device
         for name in set(row_adapters) - {None}:
             assert name in self.adapters, f"{name=} is not installed; installed: {sorted(self.adapters)}"
-            self._rows[name] = torch.tensor([b for b, a in enumerate(row_adapters) if a == name], device=device)  # type: ignore[index]
+            rows = [b for b, a in enumerate(row_adapters) if a == name]
+            # A contiguous run of rows (the usual case: engines' rows are batched one after the other)
+            # is a slice, so the hooks work on views instead of gathering and scattering rows.
+            contiguous = rows == list(range(rows[0], rows[-1] + 1))
+            self._rows[name] = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)  # type: ignore[index]
         try:
             yield
         finally:
@@ -111,20 +116,27 @@ class RowAdapters:
 
     def _lora_hook(self, path: str):
         def hook(module, inputs, out):
-            if not self._rows:
-                return out
             x = inputs[0]  # [B, S, in]
             for name, rows in self._rows.items():
                 factors = self.adapters[name].lora.get(path)
-                if factors is not None:
-                    a, b = factors
-                    out.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)  # [k, S, out]
+                if factors is None:
+                    continue
+                a_t, b_t = factors
+                if isinstance(rows, slice):
+                    part = out[rows].view(-1, out.shape[-1])  # a view: updated in place
+                    part.addmm_(x[rows].reshape(-1, x.shape[-1]) @ a_t, b_t)
+                else:
+                    out.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)  # [k, S, out]
             return out
         return hook
 
     def _head_hook(self, module, inputs, out):
         for name, rows in self._rows.items():
             bias = self.adapters[name].head_bias
-            if bias is not None:
+            if bias is None:
+                continue
+            if isinstance(rows, slice):
+                out[rows] += bias
+            else:
                 out.index_add_(0, rows, bias.expand(len(rows), *out.shape[1:-1], -1))  # [k, S, V]
         return out

@@ -111,19 +111,47 @@ def ranked_candidates(scores: torch.Tensor, logits: torch.Tensor, keep: torch.Te
     return list(zip(rows[order].tolist(), toks[order].tolist()))
 
 
+# Probability cut-offs nucleus_mask tries, largest first: a row sorts only its tokens above the
+# largest cut-off whose mass clears top_p; a row that no cut-off fits (top_p ~ 1) is sorted in full.
+NUCLEUS_CUTOFFS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0)
+
+
 def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean [B, V]: tokens whose cumulative probability *before* them (sorted by probability) is < top_p.
 
-    At least one token per row survives (the first one has mass 0 before it).
+    At least one token per row survives (the first one has mass 0 before it). Sorted stably: among
+    equal probabilities the smaller token id comes first.
+
+    Exact and fast: when the tokens with probability above a cut-off x carry more than top_p of the
+    mass (with a margin far above float rounding), every token at or below x has at least that mass
+    before it in the full sort, so it is out, and the tokens above x come first in the full sort in
+    their own stable order: sorting only them gives the same order, sums and mask as a full sort.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    cutoffs = torch.tensor(NUCLEUS_CUTOFFS, device=probs.device)
+    mass_above = torch.stack([(probs * (probs > x)).sum(-1) for x in NUCLEUS_CUTOFFS], -1)  # [B, n_cutoffs]
+    fits = mass_above >= top_p + 1e-5
+    for row in range(len(probs)):
+        p = probs[row]
+        if fits[row].any():
+            ids = (p > cutoffs[fits[row].nonzero()[0, 0]]).nonzero()[:, 0]  # ascending token ids
+        else:
+            ids = torch.arange(len(p), device=p.device)
+        order = torch.sort(p[ids], descending=True, stable=True).indices
+        ids = ids[order]
+        keep[row, ids[_nucleus_sorted(p[ids][None], top_p)[0]]] = True
+    return keep
+
+
+def _nucleus_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the (descending) probabilities are in the nucleus."""
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     # A forbidden token (probability exactly 0, e.g. EOS before min_new_tokens) never survives,
     # even at top_p = 1 where float rounding leaves the mass before it just under 1.
     keep_sorted = (before < top_p) & (sorted_probs > 0)
     keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep_sorted
 
 
 def mask_unseen(rewards: torch.Tensor, unseen: torch.Tensor, value: float) -> torch.Tensor:

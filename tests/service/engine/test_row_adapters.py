@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from service.engine.cached_lm import CachedLM, PlainLM, last_logits_together
+from service.engine.cached_lm import CachedLM, PlainLM, forward_batch, last_logits_together
 from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TrieCache
 from service.models.mrm import attach_mrm, load_mrm_artifacts, save_mrm
@@ -94,3 +94,14 @@ def test_bad_adapters_are_refused(tiny_llama, mrm_dir):
         adapters.add("wrong", art.adapter_config, wrong)
     with pytest.raises(ValueError, match="head bias"):
         adapters.add("bias", art.adapter_config, art.lora_state, head_bias=torch.zeros(3))
+
+
+@pytest.mark.parametrize("layout", [["mrm", None, "mrm", None], [None, None, "mrm", "mrm"]])
+def test_interleaved_and_contiguous_adapter_rows(tiny_llama, mrm_dir, layout):
+    merged = attach_mrm(copy.deepcopy(tiny_llama), mrm_dir)
+    base, adapters = shared(tiny_llama, mrm_dir)
+    seqs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    _, logits = forward_batch(base, [[] for _ in seqs], [0] * len(seqs), seqs, want_kv=False, adapters=adapters, row_adapters=layout)
+    for seq, row, name in zip(seqs, logits, layout):
+        want = full_logits(merged if name else tiny_llama, [seq])[0]
+        torch.testing.assert_close(row, want, atol=1e-5, rtol=0)

@@ -170,3 +170,31 @@ def test_forbidden_eos_never_survives_a_full_nucleus():
     mrm = {k: [100.0, 0.0, 0.0, 0.0, 0.0] for k in MRM}  # the MRM loves EOS
     decision, _ = drive(ctx_for(top_p=1.0, min_new_tokens=2, max_new_tokens=2), POLICY, mrm)
     assert EOS not in decision.ids
+
+
+def reference_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition: a full stable sort of every row."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep = (before < top_p) & (sorted_probs > 0)
+    keep[:, 0] = True
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.95, 1.0])
+def test_nucleus_fast_path_equals_a_full_sort(top_p):
+    g = torch.Generator().manual_seed(0)
+    v = 5000
+    rows = [
+        torch.randn(v, generator=g) * 4,  # peaked: the nucleus is a few tokens (fast path)
+        torch.randn(v, generator=g) * 0.1,  # flat: the nucleus is thousands of tokens (full sort)
+        torch.zeros(v),  # all tied
+        (torch.randn(v, generator=g) * 3).round(),  # many exact ties, some across the top-k boundary
+    ]
+    tied = torch.full((v,), -5.0)
+    tied[[7, 3, 900, 11]] = 2.0  # the tie order decides which of these four survive
+    rows.append(tied)
+    logits = torch.stack(rows)
+    logits[0, 17] = -math.inf  # a forbidden token
+    assert torch.equal(nucleus_mask(logits, top_p), reference_nucleus(logits, top_p))
