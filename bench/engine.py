@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.safety import clear_caches, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {  # engine path -> settings overrides
     "separate-fp32": {"share_backbone": False, "quantize": "none"},
@@ -43,13 +45,6 @@ def prompts(n: int) -> list[str]:
     benign = (ROOT / "data" / "benign_dev.txt").read_text().splitlines()[:100]
     mixed = [p for pair in zip(harmful[::3], benign[::2]) for p in pair]
     return mixed[:n]
-
-
-def clear_caches(guard) -> None:
-    m = guard.models
-    for engine in (m.policy, m.mrm_engine, m.prm_engine):
-        if engine is not None and engine.cached:
-            engine.cache.clear()
 
 
 def greedy(guard, texts: list[str], max_new_tokens: int, repeats: int = 2) -> dict:
@@ -133,14 +128,16 @@ def memory(n_prompts: int, budget: int, max_new_tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.safety import machine
     from service.config import Settings
     from service.guard import Guard
+    from service.models.bundle import select_device
+    from service.models.quantize import resolve_quantize
 
     n, tokens, budget = (1, 8, 2) if args.quick else (args.prompts, args.max_new_tokens, args.budget)
     texts = prompts(n)
     default = Settings()
-    default_path = next(name for name, o in PATHS.items() if all(getattr(default, k) == v for k, v in o.items()))
+    resolved = {"share_backbone": default.share_backbone, "quantize": resolve_quantize(default.quantize, select_device(default)[0])}
+    default_path = next(name for name, o in PATHS.items() if o == resolved)
     report: dict = {"machine": machine(), "default_path": default_path, "budget": budget, "max_new_tokens": tokens}
 
     # Memory first, in a fresh process, so no other engine inflates its peak RSS.

@@ -172,9 +172,9 @@ class Outputs:
         self.runs = self.out / "safety_runs.jsonl"
         self.meta = self.out / "safety_config.json"
 
-    def check_config(self, cfg: BenchConfig, models: dict) -> None:
+    def check_config(self, cfg: BenchConfig, models: dict, engine: dict) -> None:
         """A rerun must continue the same benchmark: refuse to mix answers of other settings."""
-        want = {"config": asdict(cfg), "reward_models": models}
+        want = {"config": asdict(cfg), "reward_models": models, "engine": engine}
         if self.meta.is_file():
             have = json.loads(self.meta.read_text())
             if have != json.loads(json.dumps(want)):
@@ -189,7 +189,7 @@ class Outputs:
 def clear_caches(guard) -> None:
     m = guard.models
     for engine in (m.policy, m.mrm_engine, m.prm_engine):
-        if engine.cached:
+        if engine is not None and engine.cached:
             engine.cache.clear()
 
 
@@ -489,9 +489,12 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     files = Outputs(out)
     harmful, benign = bench_prompts(cfg)
-    guard = Guard.from_settings(Settings())
+    settings = Settings()
+    guard = Guard.from_settings(settings)
     models = guard.models.reward_model_info()
-    files.check_config(cfg, models)
+    # What can change answers: int8 rounds differently (fp32 answers are the same with or without a shared backbone).
+    engine = {"quantize": guard.models.quantize}
+    files.check_config(cfg, models, engine)
 
     prefills = prefill_attacks(guard, harmful, cfg, files)
     jobs = _jobs(harmful, benign, prefills)
@@ -507,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
     runs = read_jsonl(files.runs)
     summary = summarise(cfg, records, runs)
     summary.update({
-        "config": asdict(cfg), "reward_models": models, "machine": machine(),
+        "config": asdict(cfg), "reward_models": models, "engine": engine, "machine": machine(),
         "command": " ".join(["saffron-guard bench safety", *(sys.argv[3:] if sys.argv[1:3] == ["bench", "safety"] else sys.argv[1:])]),
         "generation_s": round(sum(x["wall_s"] for x in runs), 1),
         "commits": sorted({str(x.get("commit")) for x in runs}),

@@ -20,7 +20,7 @@ from service.engine.trie_cache import TrieCache
 from service.models import judge
 from service.models.mrm import MRM, load_mrm, load_mrm_on_backbone, placeholder_mrm
 from service.models.prm import VALUE_HEAD, GuardPRM, ValuePRM, load_value_prm
-from service.models.quantize import quantize_int8
+from service.models.quantize import quantize_int8, resolve_quantize
 from service.search.calls import mask_unseen
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class ModelBundle:
     prm_params: int
     device: torch.device
     dtype: torch.dtype
+    quantize: str = "none"  # "int8": Linear layers quantized (service/models/quantize.py)
 
     @property
     def policy_vocab(self) -> int:
@@ -132,11 +133,12 @@ def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | V
 def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
     device, dtype = select_device(settings)
-    logger.info("loading models on %s (%s, quantize=%s, share_backbone=%s)", device, dtype, settings.quantize, settings.share_backbone)
+    quantize = resolve_quantize(settings.quantize, device)
+    logger.info("loading models on %s (%s, quantize=%s, share_backbone=%s)", device, dtype, quantize, settings.share_backbone)
     policy_model, tokenizer = load_causal_lm(settings.policy_model, settings)
     # Counted before quantization (which turns Linear weights into packed buffers): FLOPs stay comparable.
     policy_params = count_parameters(policy_model)
-    if settings.quantize == "int8":
+    if quantize == "int8":
         quantize_int8(policy_model)
     adapters = RowAdapters(policy_model)
 
@@ -149,11 +151,11 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
         base, _ = load_causal_lm(settings.policy_model, settings)
         mrm = load_mrm(base, tokenizer, mrm_spec.location, name=settings.mrm_model)
         mrm_params = count_parameters(mrm.model)
-        if settings.quantize == "int8":
+        if quantize == "int8":
             quantize_int8(mrm.model)
     prm, prm_model = _load_prm(settings, policy_model, tokenizer)
     prm_params = policy_params if prm_model is policy_model else count_parameters(prm_model)
-    if settings.quantize == "int8" and prm_model is not policy_model:
+    if quantize == "int8" and prm_model is not policy_model:
         quantize_int8(prm_model)
 
     def engine(model, name: str, adapter: str | None = None) -> CachedLM | PlainLM:
@@ -173,4 +175,5 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
         prm_params=prm_params,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )

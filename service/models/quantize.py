@@ -1,38 +1,73 @@
-"""Dynamic int8 quantization of a model's Linear layers, the CPU option of the model loader.
+"""Int8 weights and activations for a model's Linear layers, the CPU option of the model loader.
 
-On a CPU the search's forwards are bound by reading weights, not by arithmetic: at 8-16 rows
-the 576 x 49,152 LM head of the default model takes 17.6 ms in fp32 and 1.0 ms as an int8
-dynamic-quantized layer (fbgemm kernels; weights int8 per channel, activations quantized per
-call). torchao is the maintained successor of ``torch.ao.quantization``, but its eager CPU int8
-kernels (torchao 0.18: ``Int8DynamicActivationInt8WeightConfig``, ``Int8WeightOnlyConfig``)
-took 41-58 ms on the same layer on this machine, slower than fp32, so the fbgemm path is used
-(measured side by side, bench/README.md "int8"). CUDA keeps bf16: this is a CPU-only option.
+On a CPU the search's forwards are bound by reading weights, not by arithmetic: the 576 x 49,152
+LM head of the default model at 8-16 rows takes about 18 ms in fp32 and a few ms in int8. Each
+``Int8Linear`` holds its weight as int8 with one scale per output channel; at every call it
+quantizes each input row with its own scale (dynamic, symmetric), multiplies in int8 with int32
+accumulation (``torch._int_mm``, the kernel torchao's int8 paths build on) and rescales:
+
+    y[r] = (round(x[r] / s_x[r]) @ round(W / s_w)^T) * s_x[r] * s_w + b
+
+A row's result depends on that row alone (integer accumulation is exact), so answers do not
+change with the rows batched beside them: the trie cache on or off, one request or many
+together, the tokens are the same. That is why this is not ``torch.ao.quantization.quantize_dynamic``
+(deprecated, and its fbgemm kernels quantize the whole batch with one activation scale, so a
+row's logits depend on its neighbours) nor torchao's eager CPU int8 configs (0.18: slower than
+fp32 on this machine, 41-58 ms for the LM head). Measured side by side: bench/README.md "Engine".
+CUDA keeps bf16: this is a CPU-only option.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("auto", "none", "int8")
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights (per output channel) and int8 activations (per row)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # [out, in]
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # [out]
+        self.register_buffer("weight_t", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).T.contiguous())  # [in, out]
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()  # [n, in]
+        s_x = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127  # [n, 1]
+        y = torch._int_mm(torch.round(rows / s_x).to(torch.int8), self.weight_t).float()  # [n, out], exact int32 sums
+        y.mul_(s_x).mul_(self.scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (on the CPU) by its dynamic int8 version, in place.
+    """Replace every ``nn.Linear`` of ``model`` (on the CPU) by an ``Int8Linear``, in place.
 
-    Embeddings and norms stay fp32. Call it before installing row adapters: their hooks sit on the
-    modules present then. Returns ``model``.
+    Embeddings and norms stay fp32 (a tied LM head keeps its fp32 copy as the embedding). Call it
+    before installing row adapters: their hooks sit on the modules present then. Returns ``model``.
     """
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(f"int8 dynamic quantization runs on the CPU only, the model is on {device}; accepted on CUDA: SAFFRON_QUANTIZE=none (bf16)")
-    if torch.backends.quantized.engine not in ("fbgemm", "x86", "onednn", "qnnpack"):
-        raise ValueError(f"no quantized CPU engine available ({torch.backends.quantized.supported_engines}); set SAFFRON_QUANTIZE=none")
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (see the module docstring)
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        raise ValueError(f"int8 quantization runs on the CPU only, the model is on {device}; accepted on CUDA: SAFFRON_QUANTIZE=none or auto (bf16)")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
     return model
+
+
+def resolve_quantize(mode: str, device: torch.device) -> str:
+    """``auto``: int8 on a CPU, none (bf16) on CUDA; explicit modes as given."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    return ("int8" if device.type == "cpu" else "none") if mode == "auto" else mode
