@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # "int8": every Linear with int8 weights and per-row int8 activations, CPU only (service/models/quantize.py);
     # "auto": int8 on a CPU, none on CUDA (bf16 there).
-    quantize: Literal["auto", "none", "int8"] = "none"
+    quantize: Literal["auto", "none", "int8"] = "auto"
     # One forward for policy and MRM rows: the MRM's LoRA applied per row on the policy's own backbone
     # (service/engine/row_adapters.py). False: the MRM merged into a second copy, a second forward per step.
     share_backbone: bool = True

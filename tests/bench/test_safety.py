@@ -87,10 +87,12 @@ def test_a_torn_last_line_is_dropped_and_other_settings_are_refused(tmp_path):
     path.write_text('{"a": 1}\n{"a": 2')
     assert read_jsonl(path) == [{"a": 1}]
     files = Outputs(tmp_path)
-    files.check_config(QUICK, {"mrm": "x"})
-    files.check_config(QUICK, {"mrm": "x"})  # the same settings continue
+    files.check_config(QUICK, {"mrm": "x"}, {"quantize": "none"})
+    files.check_config(QUICK, {"mrm": "x"}, {"quantize": "none"})  # the same settings continue
     with pytest.raises(SystemExit, match="other settings"):
-        files.check_config(BenchConfig(), {"mrm": "x"})
+        files.check_config(BenchConfig(), {"mrm": "x"}, {"quantize": "none"})
+    with pytest.raises(SystemExit, match="other settings"):  # int8 answers are not mixed with fp32 ones
+        files.check_config(QUICK, {"mrm": "x"}, {"quantize": "int8"})
 
 
 @pytest.mark.model

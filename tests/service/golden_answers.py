@@ -39,5 +39,5 @@ if __name__ == "__main__":
     from service.config import Settings
     from service.guard import Guard
 
-    json.dump(answers(Guard.from_settings(Settings())), sys.stdout, indent=None)
+    json.dump(answers(Guard.from_settings(Settings(quantize="none"))), sys.stdout, indent=None)
     print()
