@@ -248,8 +248,14 @@ class CachedLM:
             self.cache.inc_lock_ref(node)
 
     def unpin(self, nodes: list[TreeNode]) -> None:
+        """Release nodes a search pinned; one no search holds any more is no frontier: its logits go."""
         for node in nodes:
             self.cache.dec_lock_ref(node)
+            if node.lock_ref == 0:
+                # A search unpins its previous frontier when it pins the next: nodes left behind here
+                # are branches it pruned, whose logits nothing reads again (a rare later query of one
+                # recomputes them from its KV). Kept, they would cost 4x their KV per pruned branch.
+                self.cache.drop_logits(node)
         self.cache.evict()
 
 
@@ -305,9 +311,10 @@ class _Query:
         if p < node.end:  # recompute of a node's last token: keep its KV, add logits
             self.stats.recomputed_tokens += len(suffix)
             self.stats.row_recomputed[owner] += len(suffix)
-            self.cache.set_logits(node, logits.to(kv.dtype))
+            self.cache.set_logits(node, logits.to(kv.dtype, copy=True))
             return
-        self.hold(self.cache.insert(node, tuple(suffix), kv, logits.to(kv.dtype)))
+        # A copy: a row of the batch's logits is a view that would keep the whole [B, V] batch alive.
+        self.hold(self.cache.insert(node, tuple(suffix), kv, logits.to(kv.dtype, copy=True)))
 
     def release(self) -> None:
         for node in self.held:

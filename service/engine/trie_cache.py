@@ -8,9 +8,10 @@ with ``inc_lock_ref`` (which pins the whole path to the root) and released in ``
 Values are stored per node as one tensor ``kv[n_layers, 2, n_kv_heads, n_tokens, head_dim]``
 so a node split or a batch gather is one slice per node, whatever the number of layers.
 
-Memory: a node holds its KV and, only while it is a leaf (a search frontier), the full-vocabulary
-logits at its last token; they are dropped when the node gets a child. The byte budget counts both,
-pinned nodes included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
+Memory: a node holds its KV and, only while it is a search frontier, the full-vocabulary logits at
+its last token: they are dropped when the node gets a child, and CachedLM drops them when the last
+search holding the node unpins it (a pruned branch). The byte budget counts both, pinned nodes
+included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
 is 46,080 bytes of KV; logits are 196,608 bytes per leaf, not per token.
 """
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model_store.registry import resolve, verify_model_dir
 from service.config import Settings
 from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
+from service.engine.malloc import fix_mmap_threshold
 from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TrieCache
 from service.models import judge
@@ -133,6 +134,7 @@ def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | V
 def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     """Load every model named by ``settings``; ``use_cache=False`` gives the no-trie-cache baseline."""
     device, dtype = select_device(settings)
+    fix_mmap_threshold()  # freed per-step tensors go back to the OS instead of fragmenting the heap
     quantize = resolve_quantize(settings.quantize, device)
     logger.info("loading models on %s (%s, quantize=%s, share_backbone=%s)", device, dtype, quantize, settings.share_backbone)
     policy_model, tokenizer = load_causal_lm(settings.policy_model, settings)

@@ -145,3 +145,20 @@ def test_only_frontier_nodes_keep_logits(tiny_llama):
     logits, _, stats = lm.last_logits([frontier[0][:-1]])
     assert (stats.forwarded_tokens, stats.recomputed_tokens) == (1, 1)
     torch.testing.assert_close(logits[0], full_forward_last_logits(tiny_llama, frontier[0][:-1]), atol=1e-4, rtol=0)
+
+
+def test_pruned_branches_lose_their_logits_when_unpinned(tiny_llama):
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+    prompt = list(range(1, 12))
+    _, pinned, _ = lm.last_logits([prompt + [t] for t in (20, 21, 22, 23)], pin=True)
+    # Next step: only two branches survive (as a search prunes), the new frontier is pinned first.
+    _, nxt, _ = lm.last_logits([prompt + [20, 30], prompt + [22, 31]], pin=True)
+    lm.unpin(pinned)
+    nodes = list(lm.cache._iter_nodes())
+    with_logits = {n for n in nodes if n.logits is not None}
+    assert with_logits == set(nxt)  # pruned leaves (21, 23) and expanded ones (20, 22) hold none
+    kv = sum(n.value.numel() * n.value.element_size() for n in nodes)
+    assert lm.cache.nbytes == kv + sum(n.logits.numel() * n.logits.element_size() for n in with_logits)
+    lm.unpin(nxt)
+    assert all(n.logits is None for n in lm.cache._iter_nodes())
+    lm.cache.check_invariants()
