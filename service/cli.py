@@ -54,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (bench/README.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from bench import engine, safety
+    from bench import engine, safety, tune
 
     safety.add_arguments(bench_sub.add_parser("safety", help="ASR, clean refusals, degenerate answers and over-refusal vs compute, per method"))
     engine.add_arguments(bench_sub.add_parser("engine", help="engine speed and memory: greedy vs transformers, saffron per engine path, bytes per cached token"))
+    tune.add_arguments(bench_sub.add_parser("tune", help="saffron's serve-time settings on training-split prompts, judged for refusals, answers and loops"))
     return parser
 
 
@@ -116,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_gateway(Settings(), host=args.host, port=args.port)
         if args.command == "bench":
-            from bench import engine, safety
+            from bench import engine, safety, tune
 
-            return {"safety": safety.run, "engine": engine.run}[args.bench](args)
+            return {"safety": safety.run, "engine": engine.run, "tune": tune.run}[args.bench](args)
         if args.command == "worker":
             from service.worker.main import run_worker
 

@@ -1,0 +1,130 @@
+"""``saffron-guard bench tune``: saffron's serve-time settings on TRAINING-split prompts only.
+
+Issue 11 asks for defaults "chosen on the benchmark, not by hand on a few prompts", and never on
+the evaluation split. This sweep runs saffron at one budget over a grid of the serve-time knobs
+(tie order, the MRM's weight against log pi, repetition controls) on a fixed sample of the
+training split — HarmBench lines 1-120 and benign lines 1-100 — and judges every answer with
+``service.models.judge.classify``, so a setting is compared by clean refusals, answered benign
+prompts and degenerate answers, never by a keyword count alone. The unguarded baseline and
+Best-of-N at the same budget run on the same prompts for reference.
+
+Outputs in ``--out`` (default ``bench/results/tune``): ``tune_records.jsonl`` (one line per answer;
+a rerun skips what is there), ``tune_summary.json`` and ``tune_table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.safety import PromptSet, append_jsonl, clear_caches, machine, read_jsonl, read_set
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "tune"
+TRAIN_HARMFUL = PromptSet("harmbench", "harmbench_standard.txt", 1, 120, True)
+TRAIN_BENIGN = PromptSet("benign", "benign_dev.txt", 1, 100, False)
+
+# (name, strategy, SearchParams overrides); "saffron-*" rows differ from the defaults only as named.
+GRID: list[tuple[str, str, dict]] = [
+    ("none", "none", {}),
+    ("best_of_n", "best_of_n", {}),
+    ("saffron", "saffron", {}),
+    ("saffron tie=policy", "saffron", {"tie_break": "policy"}),
+    ("saffron tie=policy ngram3", "saffron", {"tie_break": "policy", "no_repeat_ngram_size": 3}),
+    ("saffron tie=policy rep1.2", "saffron", {"tie_break": "policy", "repetition_penalty": 1.2}),
+    ("saffron tie=policy w0.5", "saffron", {"tie_break": "policy", "mrm_weight": 0.5}),
+    ("saffron tie=policy w0.3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3}),
+    ("saffron tie=policy w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}),
+    ("saffron tie=policy w0.3 rep1.2", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "repetition_penalty": 1.2}),
+    ("saffron tie=policy w0.2 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.2, "no_repeat_ngram_size": 3}),
+    ("saffron tie=policy w0.1 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.1, "no_repeat_ngram_size": 3}),
+]
+VERDICTS = {True: ("clean_refusal", "complied", "degenerate"), False: ("answered", "refused", "degenerate")}
+
+
+def tune_prompts(n_harmful: int, n_benign: int):
+    """Every k-th prompt of the training sets, so the sample spreads over their categories."""
+    harmful, benign = read_set(TRAIN_HARMFUL), read_set(TRAIN_BENIGN)
+    return harmful[:: max(1, len(harmful) // n_harmful)][:n_harmful], benign[:: max(1, len(benign) // n_benign)][:n_benign]
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    rows = []
+    for name, _, overrides in GRID:
+        mine = [r for r in records if r["config"] == name]
+        if not mine:
+            continue
+        row: dict = {"config": name, "overrides": overrides}
+        for harmful in (True, False):
+            group = [r for r in mine if r["harmful"] == harmful]
+            for verdict in VERDICTS[harmful]:
+                key = f"{'harmful' if harmful else 'benign'}_{verdict}"
+                row[key] = sum(r["verdict"] == verdict for r in group) / len(group) if group else None
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], n_harmful: int, n_benign: int) -> str:
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    lines = [
+        f"Training split only ({n_harmful} harmful, {n_benign} benign prompts).",
+        "",
+        "| config | harmful: clean refusal | complied | degenerate | benign: answered | refused | degenerate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['config']} | {pct(r['harmful_clean_refusal'])} | {pct(r['harmful_complied'])} | {pct(r['harmful_degenerate'])} "
+                     f"| {pct(r['benign_answered'])} | {pct(r['benign_refused'])} | {pct(r['benign_degenerate'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.guard import Guard
+    from service.models.judge import classify
+
+    n_harmful, n_benign, tokens = (2, 2, 8) if args.quick else (args.harmful_prompts, args.benign_prompts, args.max_new_tokens)
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "tune_records.jsonl"
+    harmful, benign = tune_prompts(n_harmful, n_benign)
+    guard = Guard.from_settings(Settings())
+    done = {(r["config"], r["prompt_id"]) for r in read_jsonl(records_path)}
+    grid = GRID[:3] if args.quick else GRID
+    t0 = time.perf_counter()
+    for name, strategy, overrides in grid:
+        todo = [p for p in harmful + benign if (name, p.id) not in done]
+        if not todo:
+            continue
+        clear_caches(guard)
+        with tqdm(total=len(todo), desc=name, unit="answer", file=sys.stderr) as bar:
+            results = guard.generate_many([p.text for p in todo], concurrency=max(1, 128 // args.budget), progress=lambda _, bar=bar: bar.update(),
+                                          strategy=strategy, budget=args.budget, max_new_tokens=tokens, seed=0, **overrides)
+        for p, result in zip(todo, results):
+            verdict = classify(result.text, harmful=p.harmful).verdict
+            append_jsonl(records_path, {"config": name, "prompt_id": p.id, "harmful": p.harmful, "verdict": verdict, "text": result.text,
+                                        "budget": args.budget, "max_new_tokens": tokens, "quantize": guard.models.quantize})
+    rows = summarise([r for r in read_jsonl(records_path) if r["config"] in {g[0] for g in grid}])
+    text = table(rows, len(harmful), len(benign))
+    (out / "tune_summary.json").write_text(json.dumps({
+        "rows": rows, "machine": machine(), "budget": args.budget, "max_new_tokens": tokens, "quantize": guard.models.quantize,
+        "prompts": {"harmful": [p.id for p in harmful], "benign": [p.id for p in benign]}, "date": time.strftime("%Y-%m-%d"),
+        "generation_s_this_run": round(time.perf_counter() - t0, 1),
+    }, indent=1) + "\n")
+    (out / "tune_table.md").write_text(text)
+    print(text)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 + 2 prompts, 8 tokens, the first three configurations")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/tune)")
+    p.add_argument("--harmful-prompts", type=int, default=20, help="training-split harmful prompts (default 20)")
+    p.add_argument("--benign-prompts", type=int, default=20, help="training-split benign prompts (default 20)")
+    p.add_argument("--budget", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
