@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.safety import clear_caches, machine
+from bench.safety import TRAIN_BENIGN, TRAIN_HARMFUL, clear_caches, machine, read_set
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {  # engine path -> settings overrides
@@ -41,8 +41,8 @@ PATHS = {  # engine path -> settings overrides
 
 def prompts(n: int) -> list[str]:
     """n training-split prompts, harmful (HarmBench 1-120) and benign (benign 1-100) alternating."""
-    harmful = (ROOT / "data" / "harmbench_standard.txt").read_text().splitlines()[:120]
-    benign = (ROOT / "data" / "benign_dev.txt").read_text().splitlines()[:100]
+    harmful = [p.text for p in read_set(TRAIN_HARMFUL)]
+    benign = [p.text for p in read_set(TRAIN_BENIGN)]
     mixed = [p for pair in zip(harmful[::3], benign[::2]) for p in pair]
     return mixed[:n]
 

@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.safety import TRAIN_HARMFUL, read_set  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.guard import Guard  # noqa: E402
 
@@ -28,7 +29,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rows", type=int, default=18, help="operators shown")
     args = parser.parse_args()
-    prompts = (ROOT / "data" / "harmbench_standard.txt").read_text().splitlines()[:120]  # training split
+    prompts = [p.text for p in read_set(TRAIN_HARMFUL)]  # training split
     guard = Guard.from_settings(Settings())
     guard.generate(prompts[0], strategy="saffron", budget=args.budget, max_new_tokens=4)
     t0 = time.perf_counter()

@@ -81,6 +81,9 @@ class PromptSet:
     harmful: bool
 
 
+# The training split (data/README.md): what bench tune, bench engine and the step profile may read.
+TRAIN_HARMFUL = PromptSet("harmbench", "harmbench_standard.txt", 1, 120, True)
+TRAIN_BENIGN = PromptSet("benign", "benign_dev.txt", 1, 100, False)
 # The evaluation split (data/README.md); nothing here is ever trained or tuned on.
 EVAL_HARMFUL = PromptSet("harmbench", "harmbench_standard.txt", 121, 199, True)
 EVAL_BENIGN = (PromptSet("benign", "benign_dev.txt", 101, 150, False), PromptSet("borderline", "borderline_dev.txt", 41, 60, False))

@@ -22,12 +22,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.safety import PromptSet, append_jsonl, clear_caches, machine, read_jsonl, read_set
+from bench.safety import (
+    TRAIN_BENIGN,
+    TRAIN_HARMFUL,
+    append_jsonl,
+    clear_caches,
+    machine,
+    read_jsonl,
+    read_set,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "tune"
-TRAIN_HARMFUL = PromptSet("harmbench", "harmbench_standard.txt", 1, 120, True)
-TRAIN_BENIGN = PromptSet("benign", "benign_dev.txt", 1, 100, False)
 
 # (name, strategy, SearchParams overrides); "saffron-*" rows differ from the defaults only as named.
 GRID: list[tuple[str, str, dict]] = [

@@ -51,7 +51,7 @@ class RowAdapters:
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self._modules = dict(model.named_modules())
-        self._hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._hooked: set[str] = set()  # module paths that carry a hook
         self._rows: dict[str, slice | torch.Tensor] = {}  # adapter name -> its rows in the running forward
 
     def add(self, name: str, adapter_config: dict, lora_state: dict[str, torch.Tensor], head_bias: torch.Tensor | None = None) -> Adapter:
@@ -112,7 +112,8 @@ class RowAdapters:
         if path in self._hooked:
             return
         fn = self._head_hook if head else self._lora_hook(path)
-        self._hooked[path] = self._modules[path].register_forward_hook(fn)
+        self._modules[path].register_forward_hook(fn)
+        self._hooked.add(path)
 
     def _lora_hook(self, path: str):
         def hook(module, inputs, out):

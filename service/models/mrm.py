@@ -257,14 +257,20 @@ def save_mrm(
     return out_dir
 
 
-def load_mrm(base_model: nn.Module, tokenizer, adapter_dir: str | Path, name: str) -> MRM:
-    """Load a trained Saffron-1 MRM onto base_model (modified in place; see attach_mrm)."""
+def _artifacts_for(tokenizer, adapter_dir: str | Path) -> MRMArtifacts:
+    """The MRM's files, checked to score every token of the policy's tokenizer."""
     artifacts = load_mrm_artifacts(adapter_dir)
     if len(tokenizer) > artifacts.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the MRM at {adapter_dir} scores only "
             f"{artifacts.vocab_size}; policy and MRM must share a vocabulary"
         )
+    return artifacts
+
+
+def load_mrm(base_model: nn.Module, tokenizer, adapter_dir: str | Path, name: str) -> MRM:
+    """Load a trained Saffron-1 MRM onto base_model (modified in place; see attach_mrm)."""
+    artifacts = _artifacts_for(tokenizer, adapter_dir)
     model = attach_mrm(base_model, artifacts, merge=True)
     device = model.get_output_embeddings().weight.device
     return MRM(model=model, tokenizer=tokenizer, unseen_mask=artifacts.unseen_mask.to(device), name=name, trained=True)
@@ -277,12 +283,7 @@ def load_mrm_on_backbone(adapters: RowAdapters, tokenizer, adapter_dir: str | Pa
     over that model then run policy and MRM rows in one forward (service.engine.row_adapters);
     the rows of this adapter equal ``load_mrm``'s merged model up to float rounding.
     """
-    artifacts = load_mrm_artifacts(adapter_dir)
-    if len(tokenizer) > artifacts.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the MRM at {adapter_dir} scores only "
-            f"{artifacts.vocab_size}; policy and MRM must share a vocabulary"
-        )
+    artifacts = _artifacts_for(tokenizer, adapter_dir)
     adapters.add(name, artifacts.adapter_config, artifacts.lora_state, head_bias=artifacts.lm_head_bias)
     device = next(adapters.model.parameters()).device
     return MRM(model=adapters.model, tokenizer=tokenizer, unseen_mask=artifacts.unseen_mask.to(device), name=name, trained=True, adapter=name)
