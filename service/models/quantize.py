@@ -19,6 +19,8 @@ CUDA keeps bf16: this is a CPU-only option.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -67,7 +69,36 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def resolve_quantize(mode: str, device: torch.device) -> str:
-    """``auto``: int8 on a CPU, none (bf16) on CUDA; explicit modes as given."""
+    """``auto``: int8 on a CPU whose int8 matrix product is faster than fp32 (``int8_matmul_is_fast``), else none
+    (fp32 on a CPU, bf16 on CUDA); explicit modes as given."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
-    return ("int8" if device.type == "cpu" else "none") if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "int8" if device.type == "cpu" and int8_matmul_is_fast() else "none"
+
+
+_FAST: bool | None = None
+
+
+def int8_matmul_is_fast(rows: int = 64, repeats: int = 5) -> bool:
+    """Is ``torch._int_mm`` faster than the fp32 product on this CPU, at the default policy's MLP shape? Measured once.
+
+    Speed depends on the instruction set: where oneDNN has int8 dot-product kernels (AVX512-VNNI, AVX-VNNI,
+    AMX) int8 wins; on an AVX2-only CPU (measured: an AMD EPYC without VNNI) ``_int_mm`` was 30x slower than
+    fp32, so ``auto`` must not pick it there. Takes a few milliseconds (tens on a slow path).
+    """
+    global _FAST
+    if _FAST is None:
+        a8 = torch.randint(-127, 128, (rows, 576), dtype=torch.int8)
+        b8 = torch.randint(-127, 128, (576, 1536), dtype=torch.int8)
+        a, b = a8.float(), b8.float()
+        timings = []
+        for run in (lambda: torch._int_mm(a8, b8), lambda: a @ b):
+            run()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            timings.append(time.perf_counter() - t0)
+        _FAST = timings[0] < 0.8 * timings[1]
+    return _FAST
