@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import SaffronError
-from service.search.params import STRATEGIES, TIE_BREAKS, params_from_settings
+from service.search.params import MODES, STRATEGIES, TIE_BREAKS, params_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers/vLLM semantics, (0, 10] (default: 1, off)")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of the answer twice (default: 0, off)")
     gen.add_argument("--tie-break", choices=TIE_BREAKS, default=None, help="equal scores go to the smaller token id or the likelier token")
-    gen.add_argument("--mrm-weight", type=float, default=None, help="saffron: score = w * MRM + (1 - w) * log pi (default: 1)")
+    gen.add_argument("--mrm-weight", type=float, default=None, help="saffron: score = w * MRM + (1 - w) * log pi (default: SAFFRON_MRM_WEIGHT)")
+    gen.add_argument("--mode", choices=MODES, default=None, help="reference: the Saffron-1 paper's exact search (no penalties, MRM alone, ties to the likelier token)")
     gen.add_argument("--prefill", default=None, help="assistant text forced at the start of the answer (prefilling attack)")
     gen.add_argument("--system-prompt", default=None, help="replace the configured safety system prompt ('' for none)")
     gen.add_argument("--no-trie-cache", action="store_true", help="forward full sequences every step (baseline)")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OVERRIDES = (
     "strategy", "budget", "max_new_tokens", "min_new_tokens", "top_p", "temperature", "seed", "frequency_penalty",
     "presence_penalty", "repetition_penalty", "no_repeat_ngram_size", "tie_break", "mrm_weight",
+    "mode",
 )
 
 

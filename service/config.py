@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     no_repeat_ngram_size: int = 0
     tie_break: Literal["token_id", "policy"] = "token_id"
     mrm_weight: float = 1.0  # saffron: score = w * MRM + (1 - w) * log pi (SearchParams.mrm_weight)
+    # "reference": the Saffron-1 paper's exact search whatever the four settings above say (SearchParams.mode).
+    safety_mode: Literal["guarded", "reference"] = "guarded"
 
     # Documented limits: requests past them are refused with a clear error.
     max_budget: int = 64
@@ -80,7 +82,11 @@ class Settings(BaseSettings):
     max_queue: int = 64  # queued + running jobs admitted; past it, 429 with Retry-After
     max_body_bytes: int = 1024 * 1024  # request bodies above this get 413
     request_timeout_s: float = 300.0  # job deadline; past it the gateway answers 504
-    fail_closed_threshold: float | None = None  # answers whose reward is below this are replaced (content_filter)
+    # Fail-closed (service.guard.fail_closed_reason): a guarded answer that is degenerate, or a saffron answer whose
+    # reward is below the threshold, is replaced by refusal_message with finish_reason "content_filter".
+    # "auto": on in production, off in development.
+    fail_closed: Literal["auto", "on", "off"] = "auto"
+    fail_closed_threshold: float | None = None  # saffron only, in the units of its reward (the MRM's score); None: no threshold
     refusal_message: str = "I'm sorry, but I can't help with that."  # the fixed fail-closed answer
     worker_max_active: int = 8  # searches one worker steps together (its continuous batch)
     worker_claim_idle_s: float = 30.0  # a job unacknowledged this long is claimed by another worker
@@ -98,6 +104,10 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.mrm_model == "untrained-placeholder-mrm":
             raise ValueError("refusing to run in production with the untrained placeholder MRM; set SAFFRON_MRM_MODEL")
         return self
+
+    @property
+    def fail_closed_on(self) -> bool:
+        return self.fail_closed == "on" or (self.fail_closed == "auto" and self.environment == "production")
 
     @property
     def api_key_set(self) -> frozenset[str]:

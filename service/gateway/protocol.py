@@ -9,7 +9,7 @@ Extensions to OpenAI's chat schema:
   continues its text (the prefilling attack). A trailing assistant message without the flag
   is refused (400): the worker always continues a trailing assistant message, so accepting it
   silently would turn an ordinary chat history into a prefill.
-- ``safety``: {strategy, budget, top_p, min_new_tokens, tie_break, mrm_weight}; omitted fields take server defaults.
+- ``safety``: {strategy, budget, top_p, min_new_tokens, tie_break, mrm_weight, mode}; omitted fields take server defaults.
 - ``repetition_penalty`` and ``no_repeat_ngram_size`` (as vLLM and transformers name them) beside
   OpenAI's ``frequency_penalty`` and ``presence_penalty``; omitted ones take server defaults.
   ``safety.top_p`` is the search pruning mass p (DESIGN.md §2). The request's own ``top_p``
@@ -49,6 +49,7 @@ _PARAM_PATHS = {
     "max_new_tokens": "max_tokens",
     "tie_break": "safety.tie_break",
     "mrm_weight": "safety.mrm_weight",
+    "mode": "safety.mode",
 }
 
 
@@ -106,6 +107,7 @@ class SafetyOptions(OpenAIBaseModel):
     min_new_tokens: int | None = None  # EOS forbidden before this many tokens
     tie_break: str | None = None  # token_id | policy: which candidate wins equal scores (saffron, beam_prm)
     mrm_weight: float | None = None  # saffron: score = w * MRM + (1 - w) * log pi, in [0, 1]
+    mode: str | None = None  # guarded | reference (the Saffron-1 paper's exact search: no penalties, MRM alone)
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -167,7 +169,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             return params_from_settings(
                 settings, strategy=s.strategy, budget=s.budget, top_p=s.top_p, min_new_tokens=s.min_new_tokens,
                 max_new_tokens=max_new, temperature=self.temperature, seed=self.seed, tie_break=s.tie_break,
-                mrm_weight=s.mrm_weight, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                mrm_weight=s.mrm_weight, mode=s.mode, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                 repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
             )
         except InvalidRequestError as e:
@@ -225,7 +227,8 @@ class SafetyReport(OpenAIBaseModel):
     reward: float | None = None  # the chosen answer's reward; None for strategy "none" or nothing finished
     refused: bool = False  # a clean (non-degenerate) refusal, by service.models.judge.classify
     refusal_source: Literal["policy", "guard"] | None = None  # guard: blocked (content_filter)
-    degenerate: bool = False  # the answer is a loop or word salad (service.models.judge.degeneracy); never "refused"
+    degenerate: bool = False  # the search's answer is a loop or word salad (service.models.judge.degeneracy); never "refused"
+    blocked: Literal["degenerate", "low_reward"] | None = None  # why fail-closed replaced the answer (service.guard.fail_closed_reason)
     reward_calls: int = 0
     policy_forward_tokens: int = 0
     trie_reused_tokens: int = 0

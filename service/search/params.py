@@ -8,6 +8,12 @@ from service.errors import InvalidRequestError
 
 STRATEGIES = ("none", "best_of_n", "beam_prm", "saffron")
 TIE_BREAKS = ("token_id", "policy")
+# "guarded": the search with the server's settings (penalties, tie order, MRM weight). "reference": the Saffron-1
+# paper's exact search (DESIGN.md §2) whatever the server's settings: no repetition controls, the MRM's score alone,
+# ties to the likelier token; a request that sets one of those fields to anything else is refused.
+MODES = ("guarded", "reference")
+REFERENCE_SEARCH = dict(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                        tie_break="policy", mrm_weight=1.0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class SearchParams:
     # saffron: a candidate's score = w * MRM reward + (1 - w) * log pi(token | node); 1.0 is the MRM alone
     # (DESIGN.md §2). Below 1 the policy's likelihood counts too, a serve-time weight to be chosen on the benchmark.
     mrm_weight: float = 1.0
+    mode: str = "guarded"  # one of MODES
 
     def validate(self, *, max_budget: int, max_new_tokens_limit: int) -> SearchParams:
         """Raise InvalidRequestError naming the offending parameter and its accepted range."""
@@ -55,6 +62,15 @@ class SearchParams:
         _check_number("repetition_penalty", self.repetition_penalty, 0.0, 10.0, open_low=True)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 16)
         _check_number("mrm_weight", self.mrm_weight, 0.0, 1.0)
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {self.mode!r}; accepted: {', '.join(MODES)}", param="mode", code="invalid_value")
+        if self.mode == "reference":
+            for name, value in REFERENCE_SEARCH.items():
+                if getattr(self, name) != value:
+                    raise InvalidRequestError(
+                        f"mode 'reference' is the paper's search: {name} must be {value!r} (or left unset), got {getattr(self, name)!r}",
+                        param=name, code="invalid_value",
+                    )
         if self.tie_break not in TIE_BREAKS:
             raise InvalidRequestError(
                 f"unknown tie_break {self.tie_break!r}; accepted: {', '.join(TIE_BREAKS)}", param="tie_break", code="invalid_value"
@@ -78,7 +94,11 @@ def params_from_settings(settings, **overrides) -> SearchParams:
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty,
         no_repeat_ngram_size=s.no_repeat_ngram_size, tie_break=s.tie_break, mrm_weight=s.mrm_weight,
     )
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("mode", s.safety_mode) == "reference":
+        base.update(REFERENCE_SEARCH)  # the server's own controls do not apply; a request's are checked by validate
+    base.update(given)
+    base.setdefault("mode", s.safety_mode)
     return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
 
 

@@ -170,3 +170,24 @@ def test_chunk_serialisation_omits_nulls_but_keeps_the_safety_report():
     assert data["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
     assert data["safety"]["reward"] is None and data["safety"]["refusal_source"] is None
     assert "usage" not in data
+
+
+def test_reference_mode_is_the_papers_search_whatever_the_server_sets():
+    served = Settings(frequency_penalty=0.5, no_repeat_ngram_size=3, tie_break="token_id", mrm_weight=0.4)
+    params = make(safety={"mode": "reference"}).to_search_params(served)
+    assert (params.mode, params.tie_break, params.mrm_weight) == ("reference", "policy", 1.0)
+    assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty, params.no_repeat_ngram_size) == (0.0, 0.0, 1.0, 0)
+    assert make().to_search_params(served).mrm_weight == 0.4  # guarded: the server's settings
+    assert make().to_search_params(Settings(safety_mode="reference", mrm_weight=0.4)).mrm_weight == 1.0
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"safety": {"mode": "reference", "mrm_weight": 0.5}}, "safety.mrm_weight"),
+    ({"safety": {"mode": "reference", "tie_break": "token_id"}}, "safety.tie_break"),
+    ({"safety": {"mode": "reference"}, "no_repeat_ngram_size": 3}, "no_repeat_ngram_size"),
+    ({"safety": {"mode": "paper"}}, "safety.mode"),
+])
+def test_reference_mode_refuses_a_control_it_does_not_have(settings, fields, param):
+    with pytest.raises(InvalidRequestError) as e:
+        make(**fields).to_search_params(settings)
+    assert e.value.param == param
