@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
+from service.models.judge import degeneracy
 from service.search.calls import SearchContext
 from service.search.params import SearchParams, params_from_settings
 from service.search.runner import RequestLayout, SearchRun, step_runs
@@ -24,6 +25,14 @@ class GenerationResult:
     stats: dict  # SearchStats.to_dict()
     reward_models: dict  # names and training status; carries a warning for untrained models
     params: dict = field(default_factory=dict)
+    # Fail-closed (``fail_closed_reason``): why the search's answer was replaced by the refusal message, else None.
+    blocked: str | None = None
+    search_text: str | None = None  # the search's own answer when blocked (``text`` is then the refusal message)
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason: "content_filter" when blocked, else "stop" (EOS) or "length"."""
+        return "content_filter" if self.blocked else "stop" if self.finished else "length"
 
     def to_dict(self) -> dict:
         """JSON-safe dict: a non-finite reward becomes None (JSON has no Infinity)."""
@@ -31,6 +40,26 @@ class GenerationResult:
         if out["reward"] is not None and not math.isfinite(out["reward"]):
             out["reward"] = None
         return out
+
+
+BLOCK_REASONS = ("degenerate", "low_reward")
+
+
+def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold: float | None) -> str | None:
+    """Why fail-closed replaces this answer, or None. The guard says it found no usable answer instead of sending it:
+
+    - ``"degenerate"``: a guarded strategy's answer is a loop, word or number salad (the benchmark judge's rule,
+      ``service.models.judge.degeneracy``); the unguarded ``none`` is never blocked;
+    - ``"low_reward"``: a finished saffron answer whose reward (the MRM's score, as the search ranked it) is below
+      ``threshold``. An answer cut at max_tokens is judged by the first rule only: long benign answers are normal.
+    """
+    if strategy == "none":
+        return None
+    if degeneracy(text).degenerate:
+        return "degenerate"
+    if strategy == "saffron" and threshold is not None and reward is not None and math.isfinite(reward) and reward < threshold:
+        return "low_reward"
+    return None
 
 
 class Guard:
@@ -129,8 +158,14 @@ class Guard:
         assert decision is not None, "the run has not finished"
         generated = decision.ids[len(run.ctx.prefill_ids) :]
         tok = self.models.tokenizer
+        text = tok.decode(generated, skip_special_tokens=True)
+        blocked = None
+        if self.settings.fail_closed_on:
+            blocked = fail_closed_reason(text, decision.reward, params.strategy, self.settings.fail_closed_threshold)
         return GenerationResult(
-            text=tok.decode(generated, skip_special_tokens=True),
+            text=self.settings.refusal_message if blocked else text,
+            blocked=blocked,
+            search_text=text if blocked else None,
             token_ids=generated,
             reward=decision.reward,
             finished=decision.finished,

@@ -225,7 +225,7 @@ class Worker:
                     logger.exception("job %s: building the answer failed", a.job.id)
                     if a in self.active:
                         self.fail(a.entry_id, a.job, error_event(500, "internal error while answering", code="answer_failed"), "error", a)
-            elif a.job.stream and self.settings.fail_closed_threshold is None:
+            elif a.job.stream and not self.settings.fail_closed_on:
                 self.stream_committed(a)
 
     def stream_committed(self, a: Active) -> None:
@@ -245,14 +245,10 @@ class Worker:
     def finish(self, a: Active) -> None:
         a.run.close()
         result = self.guard.result(a.run)
-        params, s = a.run.ctx.params, self.settings
-        text, finish_reason = result.text, "stop" if result.finished else "length"
-        blocked = (
-            s.fail_closed_threshold is not None and result.reward is not None and result.reward < s.fail_closed_threshold
-        )
-        degenerate = False
-        if blocked:
-            text, finish_reason, refused, source = s.refusal_message, "content_filter", True, "guard"
+        params = a.run.ctx.params
+        text, finish_reason = result.text, result.finish_reason
+        if result.blocked:  # the search's own answer stays counted as degenerate when that is why it was blocked
+            refused, source, degenerate = True, "guard", result.blocked == "degenerate"
         else:
             # The benchmark's judge: a loop is degenerate, never a refusal (service.models.judge.classify).
             judgement = classify(result.prefill + result.text, harmful=True)
@@ -268,6 +264,7 @@ class Worker:
             "refused": refused,
             "refusal_source": source if refused else None,
             "degenerate": degenerate,
+            "blocked": result.blocked,
             "reward_calls": stats["reward_calls"],
             "policy_forward_tokens": stats["policy_forward_tokens"],
             "reward_forward_tokens": stats["reward_forward_tokens"],
