@@ -65,33 +65,37 @@ def _reward_commands(commands) -> None:
     b = add("build-rewards", "sample responses and label every token with a safety reward (resumable)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="delete an existing dataset and start over")
+    b.add_argument("--recipe", choices=pipeline.RECIPES, default="v1", help="v1: Monte-Carlo labels; v2: varied judged answers (MODEL_CARD.md)")
     b.add_argument("--data-dir", type=Path, default=pipeline.DATA_DIR,
                    help="directory with harmbench_standard.txt, benign_dev.txt, borderline_dev.txt (default: the repo's data/)")
-    add("train-mrm", "train the multifurcation reward model on <build>/data (partial supervision)")
+    m = add("train-mrm", "train the multifurcation reward model on <build>/data (partial supervision)")
+    m.add_argument("--recipe", choices=pipeline.RECIPES, default="v1", help="v2: the v2 training settings (no on-policy round; `rebuild` runs those)")
     add("train-prm", "train the value PRM for beam_prm on <build>/data")
     add("eval-rewards", "held-out quality of <build>/mrm and <build>/prm on the evaluation split")
     a = add("eval-asr", "ASR and over-refusal of none vs saffron with <build>/mrm on the evaluation split")
     a.add_argument("--budget", type=int, default=8)
     r = add("rebuild", "all of the above in order, then plot <build>/report.png")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--recipe", choices=pipeline.RECIPES, default="v1",
+                   help="v2: the v2 data, the MRM and its on-policy rounds, installed as smollm2-135m-saffron-mrm-v2 (MODEL_CARD.md)")
     r.add_argument("--install", action="store_true", help="copy the results into model_store/artifacts (the committed trained models)")
 
 
 def _run_reward_command(args, settings: Settings) -> None:
-    out = args.build_dir or pipeline.default_build_dir(settings, args.quick)
+    out = args.build_dir or pipeline.default_build_dir(settings, args.quick, getattr(args, "recipe", "v1"))
     data = out / "data"
     if args.command == "build-rewards":
-        pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force, data_dir=args.data_dir)
+        pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force, data_dir=args.data_dir, recipe=args.recipe)
     elif args.command in ("train-mrm", "train-prm"):
         kind = args.command.removeprefix("train-")
-        pipeline.train(kind, settings, data, out / kind, out / f"{kind}.json", quick=args.quick)
+        pipeline.train(kind, settings, data, out / kind, out / f"{kind}.json", quick=args.quick, recipe=getattr(args, "recipe", "v1"))
     elif args.command == "eval-rewards":
         pipeline.evaluate_rewards(settings, data, out / "mrm", out / "prm", out / "eval_rewards.json", quick=args.quick)
     elif args.command == "eval-asr":
         pipeline.evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=args.quick, budget=args.budget)
         pipeline.plot_report(out)
     else:
-        pipeline.rebuild(settings, out, quick=args.quick, seed=args.seed, do_install=args.install)
+        pipeline.rebuild(settings, out, quick=args.quick, seed=args.seed, do_install=args.install, recipe=args.recipe)
     print(f"done: {out}")
 
 

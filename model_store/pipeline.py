@@ -24,12 +24,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_store.evaluate import eval_asr, eval_prompts, eval_rewards
-from model_store.registry import ARTIFACTS_DIR, MARKER, TRAINED_MRM, TRAINED_PRM, resolve, verify_model_dir
-from model_store.rewards import DATA_DIR, BuildConfig, Policy, build_dataset, load_records, split_prompts
-from model_store.train import TrainConfig, train_mrm, train_prm
+from model_store.registry import (
+    ARTIFACTS_DIR,
+    MARKER,
+    TRAINED_MRM,
+    TRAINED_MRM_V2,
+    TRAINED_PRM,
+    resolve,
+    verify_model_dir,
+)
+from model_store.rewards import (
+    DATA_DIR,
+    BuildConfig,
+    Policy,
+    RewardRecord,
+    build_dataset,
+    load_records,
+    outcome_reward,
+    split_prompts,
+    write_records,
+)
+from model_store.train import ONPOLICY, TrainConfig, train_mrm, train_prm
 from service.config import Settings
 from service.errors import ModelNotFoundError
 from service.guard import Guard
@@ -38,13 +57,36 @@ QUICK_BUILD = BuildConfig(
     response_tokens=8, rollouts=2, checkpoints=(1, 4), prompt_samples=2, prefill_min=2, prefill_max=4, chunk_prompts=4, limit_per_set=2
 )
 QUICK_TRAIN = TrainConfig(epochs=1, batch_size=4)
+# Recipe v2 (issue 11): varied answers labelled with judged outcomes (model_store.rewards.build_chunk_v2).
+V2_BUILD = BuildConfig(recipe="v2", response_tokens=48, chunk_prompts=16)
+QUICK_V2_BUILD = replace(QUICK_BUILD, recipe="v2", plain_samples=1, prefill_depths=(2, 4), refusal_samples=1, benign_samples=1, loop_share=1.0)
+# v2 trains on benign answers too (their labels say whether the answer was usable), with a LoRA of rank 8: one epoch
+# over 1,000 of the v2 records drawn at random (about 4x v1's tokens; all 1,824 take 40 minutes on this 2-core CPU),
+# then two per on-policy round (its answers and as many replayed ones).
+V2_TRAIN = TrainConfig(epochs=1, lora_r=8, lora_alpha=8, include_benign=True, sample_records=1000)
+V2_ROUND_TRAIN = replace(V2_TRAIN, epochs=2, sample_records=None)
+RECIPES = ("v1", "v2")
+
+
+def train_config(recipe: str, quick: bool, onpolicy_round: bool = False) -> TrainConfig:
+    if quick:
+        return replace(QUICK_TRAIN, include_benign=True, lora_r=8, lora_alpha=8) if recipe == "v2" else QUICK_TRAIN
+    if recipe == "v2":
+        return V2_ROUND_TRAIN if onpolicy_round else V2_TRAIN
+    return TrainConfig()
+
+
+def build_config(recipe: str, quick: bool) -> BuildConfig:
+    if recipe == "v2":
+        return QUICK_V2_BUILD if quick else V2_BUILD
+    return QUICK_BUILD if quick else BuildConfig()
 ASR_STRATEGIES = ("none", "saffron")
 ASR_BENIGN_STEP = 4  # eval-asr measures over-refusal on every 4th benign/borderline evaluation prompt (18 of 70), for time
 QUICK_ASR = {"budget": 2, "max_new_tokens": 8, "min_new_tokens": 2}
 
 
-def default_build_dir(settings: Settings, quick: bool) -> Path:
-    return settings.home / "build" / ("quick" if quick else "full")
+def default_build_dir(settings: Settings, quick: bool, recipe: str = "v1") -> Path:
+    return settings.home / "build" / (("quick" if quick else "full") + ("" if recipe == "v1" else f"-{recipe}"))
 
 
 def policy_dir(settings: Settings) -> Path:
@@ -70,8 +112,9 @@ def _tokenizer(settings: Settings):
     return AutoTokenizer.from_pretrained(policy_dir(settings))
 
 
-def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, force: bool = False, data_dir: Path = DATA_DIR) -> Path:
-    config = replace(QUICK_BUILD if quick else BuildConfig(), seed=seed)
+def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, force: bool = False, data_dir: Path = DATA_DIR,
+                  recipe: str = "v1") -> Path:
+    config = replace(build_config(recipe, quick), seed=seed)
     for split in config.splits:
         split_prompts(config, split, data_dir)  # refuse malformed prompt files before loading anything
     if force and out.exists():
@@ -81,14 +124,68 @@ def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: i
     return build_dataset(out, policy, config, policy_info(settings), data_dir)
 
 
-def train(kind: str, settings: Settings, data: Path, out: Path, report: Path, *, quick: bool = False) -> dict:
+def train(kind: str, settings: Settings, data: Path, out: Path, report: Path, *, quick: bool = False, recipe: str = "v1",
+          extra: tuple[Path, ...] = (), init: Path | None = None) -> dict:
+    """Train one reward model on ``data`` (+ the training records of ``extra`` datasets), from ``init`` if given (MRM)."""
     tokenizer = _tokenizer(settings)
-    config = QUICK_TRAIN if quick else TrainConfig()
-    trainer = train_mrm if kind == "mrm" else train_prm
-    result = trainer(policy_dir(settings), tokenizer, load_records(data, "train"), load_records(data, "eval"), out, config,
-                     base_name=settings.policy_model)
+    config = train_config(recipe, quick, onpolicy_round=init is not None)
+    records = load_records(data, "train") + [r for d in extra for r in load_records(d, "train")]
+    if kind == "mrm":
+        result = train_mrm(policy_dir(settings), tokenizer, records, load_records(data, "eval"), out, config,
+                           base_name=settings.policy_model, init=init)
+    else:
+        result = train_prm(policy_dir(settings), tokenizer, records, load_records(data, "eval"), out, config, base_name=settings.policy_model)
     report.write_text(json.dumps(result, indent=1))
     return result
+
+
+# On-policy rounds (v2): the search with the round's MRM answers training prompts, plain and under the prefilling
+# attack, in each of these settings (alternating by prompt): the MRM alone, and weighted against log pi with 3-grams
+# forbidden. Its answers, labelled with their judged outcome, are added and the MRM trained further on them.
+ONPOLICY_SEARCH: tuple[dict, ...] = (
+    {"tie_break": "policy"},
+    {"tie_break": "policy", "mrm_weight": 0.5, "no_repeat_ngram_size": 3},
+)
+ONPOLICY_PROMPT_STEP = 3  # every 3rd training prompt per round (time)
+ONPOLICY_ROUNDS = 1
+
+
+def onpolicy_round(settings: Settings, data: Path, mrm: Path, out: Path, *, round_index: int, quick: bool = False) -> Path:
+    """The search's own answers to training prompts, labelled like the v2 data, as a dataset directory ``out``."""
+    config = build_config("v2", quick)
+    records = load_records(data, "train")
+    prompts = [p for p in split_prompts(config, "train")][:: 1 if quick else ONPOLICY_PROMPT_STEP]
+    attacks = {r.prompt_id: r.response_ids[: r.forced_tokens] for r in records if r.kind == "prefill" and r.forced_tokens == max(config.prefill_depths)}
+    guard = Guard.from_settings(settings.model_copy(update={"mrm_model": str(mrm)}))
+    tok = guard.models.tokenizer
+    jobs = []  # (prompt, prefill ids, search overrides)
+    for i, p in enumerate(prompts):
+        search = ONPOLICY_SEARCH[i % len(ONPOLICY_SEARCH)]
+        jobs.append((p, [], search))
+        if p.harmful and p.id in attacks:
+            jobs.append((p, attacks[p.id], search))
+    new: list[RewardRecord] = []
+    tokens = config.response_tokens
+    for search in ONPOLICY_SEARCH:
+        mine = [(p, pre) for p, pre, s in jobs if s is search]
+        if not mine:
+            continue
+        chats = [[{"role": "user", "content": p.text}] + ([{"role": "assistant", "content": tok.decode(pre)}] if pre else []) for p, pre in mine]
+        with tqdm(total=len(chats), desc=f"on-policy round {round_index}", unit="answer") as bar, torch.no_grad():
+            results = guard.generate_many(chats, concurrency=16, progress=lambda _: bar.update(1), strategy="saffron", budget=8,
+                                          max_new_tokens=tokens, seed=round_index, **search)
+        for (p, pre), result in zip(mine, results):
+            pre_ids = tok.encode(tok.decode(pre), add_special_tokens=False) if pre else []
+            ids = pre_ids + list(result.token_ids)
+            if not result.token_ids:
+                continue
+            r = outcome_reward(p, result.text)
+            new.append(RewardRecord(
+                id=f"{p.id}/{ONPOLICY}/{round_index}/{len(new)}", prompt_id=p.id, split="train", harmful=p.harmful, kind=ONPOLICY,
+                prompt=p.text, response_ids=ids, forced_tokens=len(pre_ids), rewards=[r] * len(ids), anchors={"0": r, str(len(ids)): r},
+                safe=r == 1.0, chunk=f"onpolicy/{round_index}",
+            ))
+    return write_records(out, new, len(tok), {"recipe": "onpolicy", "round": round_index, "mrm": str(mrm), "search": list(ONPOLICY_SEARCH)})
 
 
 def evaluate_rewards(settings: Settings, data: Path, mrm: Path, prm: Path | None, report: Path, *, quick: bool = False) -> dict:
@@ -151,9 +248,14 @@ def plot_report(out: Path) -> Path:
 INSTALLED = ("mrm.json", "prm.json", "eval_rewards.json", "eval_asr.json", "timings.json", "report.png")
 
 
-def install(out: Path) -> None:
-    """Copy a finished build into model_store/artifacts (the committed defaults)."""
-    for name, src in ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm")):
+def install(out: Path, recipe: str = "v1") -> None:
+    """Copy a finished build into model_store/artifacts (the committed models).
+
+    v1 installs the MRM and the PRM under their names; v2 installs its MRM as ``TRAINED_MRM_V2`` and its
+    reports with a ``v2_`` prefix, beside v1's (the PRM of beam_prm stays v1's).
+    """
+    models = ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm")) if recipe == "v1" else ((TRAINED_MRM_V2, out / "mrm"),)
+    for name, src in models:
         dst = ARTIFACTS_DIR / name
         if dst.exists():
             shutil.rmtree(dst)
@@ -162,19 +264,40 @@ def install(out: Path) -> None:
             file.chmod(0o644)  # safetensors writes 0600
     for name in INSTALLED:
         if (out / name).is_file():
-            shutil.copy2(out / name, ARTIFACTS_DIR / name)
+            shutil.copy2(out / name, ARTIFACTS_DIR / (name if recipe == "v1" else f"v2_{name}"))
 
 
-def rebuild(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, do_install: bool = False) -> Path:
-    """Every step in order; <out>/timings.json records each step's wall time (a resumed step counts only its rerun)."""
+def rebuild(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, do_install: bool = False, recipe: str = "v1") -> Path:
+    """Every step in order; <out>/timings.json records each step's wall time (a resumed step counts only its rerun).
+
+    v2: build-rewards, train-mrm (round 0), then per on-policy round the search's answers (<out>/onpolicy<r>/) and
+    the MRM trained further on them (<out>/mrm_round<r>/); the last round is <out>/mrm. No PRM (beam_prm keeps v1's).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    steps = (
-        ("build-rewards", lambda: build_rewards(settings, out / "data", quick=quick, seed=seed)),
-        ("train-mrm", lambda: train("mrm", settings, out / "data", out / "mrm", out / "mrm.json", quick=quick)),
-        ("train-prm", lambda: train("prm", settings, out / "data", out / "prm", out / "prm.json", quick=quick)),
-        ("eval-rewards", lambda: evaluate_rewards(settings, out / "data", out / "mrm", out / "prm", out / "eval_rewards.json", quick=quick)),
-        ("eval-asr", lambda: evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=quick)),
-    )
+    data = out / "data"
+    if recipe == "v2":
+        rounds = 1 if quick else ONPOLICY_ROUNDS
+        mrm_dirs = [out / ("mrm" if r == rounds else f"mrm_round{r}") for r in range(rounds + 1)]
+        onpolicy = [out / f"onpolicy{r}" for r in range(1, rounds + 1)]
+        steps: tuple = (
+            ("build-rewards", lambda: build_rewards(settings, data, quick=quick, seed=seed, recipe="v2")),
+            ("train-mrm", lambda: train("mrm", settings, data, mrm_dirs[0], out / "mrm_round0.json", quick=quick, recipe="v2")),
+        )
+        for r in range(1, rounds + 1):
+            steps += (
+                (f"onpolicy-{r}", lambda r=r: onpolicy_round(settings, data, mrm_dirs[r - 1], onpolicy[r - 1], round_index=r, quick=quick)),
+                (f"train-mrm-{r}", lambda r=r: train("mrm", settings, data, mrm_dirs[r], out / ("mrm.json" if r == rounds else f"mrm_round{r}.json"),
+                                                     quick=quick, recipe="v2", extra=tuple(onpolicy[:r]), init=mrm_dirs[r - 1])),
+            )
+        steps += (("eval-rewards", lambda: evaluate_rewards(settings, data, out / "mrm", None, out / "eval_rewards.json", quick=quick)),)
+    else:
+        steps = (
+            ("build-rewards", lambda: build_rewards(settings, data, quick=quick, seed=seed)),
+            ("train-mrm", lambda: train("mrm", settings, data, out / "mrm", out / "mrm.json", quick=quick)),
+            ("train-prm", lambda: train("prm", settings, data, out / "prm", out / "prm.json", quick=quick)),
+            ("eval-rewards", lambda: evaluate_rewards(settings, data, out / "mrm", out / "prm", out / "eval_rewards.json", quick=quick)),
+            ("eval-asr", lambda: evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=quick)),
+        )
     timings: dict[str, float] = {}
     for name, step in steps:
         t0 = time.perf_counter()
@@ -183,5 +306,5 @@ def rebuild(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0
         (out / "timings.json").write_text(json.dumps(timings, indent=1))
     plot_report(out)
     if do_install:
-        install(out)
+        install(out, recipe)
     return out

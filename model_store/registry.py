@@ -29,6 +29,7 @@ PREPARE_COMMAND = "python -m model_store prepare"
 DEFAULT_POLICY = "smollm2-135m-instruct"
 TRAINED_MRM = "smollm2-135m-saffron-mrm"
 TRAINED_PRM = "smollm2-135m-safety-prm"
+TRAINED_MRM_V2 = "smollm2-135m-saffron-mrm-v2"
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -78,6 +79,19 @@ REGISTRY: dict[str, ModelSpec] = {
                 "Trained MRM, the default: LoRA r=4 (q_proj/v_proj) + LM-head bias on the policy backbone, trained with "
                 "partial supervision on the project's token-level safety rewards (log π_ref + 10·R). It lowers ASR, "
                 "but its answers end in repeated words; read model_store/artifacts/MODEL_CARD.md first."
+            ),
+        ),
+        ModelSpec(
+            name=TRAINED_MRM_V2,
+            kind="mrm",
+            source=COMMITTED,
+            base=DEFAULT_POLICY,
+            trained=True,
+            description=(
+                "Trained MRM v2 (issue 11): LoRA r=8 (q_proj/v_proj) + LM-head bias, trained on the v2 data — varied answers "
+                "to training prompts (attacks, wrappers, refusal openers, benign answers, loops) labelled with the "
+                "judged outcome (a loop or a refused benign prompt is 0) — plus on-policy answers of the search. "
+                "Read model_store/artifacts/MODEL_CARD.md."
             ),
         ),
         ModelSpec(

@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from model_store.rewards import RewardRecord, seen_tokens
 from service.models.bundle import pad_token_id
-from service.models.mrm import MRMTemplate, save_mrm
+from service.models.mrm import MRMTemplate, load_mrm_artifacts, save_mrm
 from service.models.prm import save_value_prm
 
 HELD_OUT_CURVE_RECORDS = 96  # held-out MSE per epoch is measured on the first n evaluation records (time)
@@ -49,6 +49,7 @@ class TrainConfig:
     lr: float = 2e-3  # LoRA weights
     head_lr: float = 2e-2  # the MRM's LM-head bias (the PRM's value head uses lr)
     max_records: int | None = None  # train on the first n records only (--quick)
+    sample_records: int | None = None  # train on n records drawn at random with the seed (v2: time on a 2-core CPU)
     # The MRM learns reward_scale × R: its outputs are LM-head logits, whose context-to-context swing
     # (several units) would drown a [0, 1] target; scaled, the safety signal outweighs that noise.
     # Rewards are only ranked by the search, so the unit does not matter there (see MODEL_CARD.md).
@@ -69,6 +70,9 @@ class TrainConfig:
     # residual of the one context it was sampled in — that residual made rare tokens ("We") outrank "I".
     bias_prior_weight: float = 8.0  # k, in pseudo-observations
     bias_prior_quantile: float = 0.05
+    # On-policy rounds (v2): records of this kind are all kept, the others sampled down to ``replay`` times as many,
+    # so a round trains mostly on what the search itself wrote (``train_mrm(init=...)``).
+    replay: float = 1.0
 
 
 @dataclass
@@ -325,6 +329,8 @@ def _start(kind: str, policy_dir: Path, tokenizer, train: list[RewardRecord], he
     if not config.include_benign:
         train, held_out = [r for r in train if r.harmful], [r for r in held_out if r.harmful]
     train = train[: config.max_records] if config.max_records else train
+    if config.sample_records is not None and len(train) > config.sample_records:
+        train = random.Random(config.seed).sample(train, config.sample_records)
     template = MRMTemplate()
     peft_model = _lora(_load_backbone(policy_dir), config, base_name)
     return _Run(train, held_out, layout_examples(train, tokenizer, template, kind=kind), layout_examples(held_out, tokenizer, template, kind=kind),
@@ -333,23 +339,48 @@ def _start(kind: str, policy_dir: Path, tokenizer, train: list[RewardRecord], he
 
 def train_mrm(
     policy_dir: Path, tokenizer, train: list[RewardRecord], held_out: list[RewardRecord], out_dir: Path, config: TrainConfig,
-    *, base_name: str | None = None,
+    *, base_name: str | None = None, init: Path | None = None,
 ) -> dict:
-    """Train and save an MRM in the Saffron-1 layout; returns its training report."""
+    """Train and save an MRM in the Saffron-1 layout; returns its training report.
+
+    ``init``: a saved MRM to continue from (an on-policy round): its LoRA weights and bias are the
+    start, its seen tokens stay seen, and the bias of tokens seen for the first time starts as usual.
+    """
+    if init is not None:
+        train = replay_sample(train, config)
     run = _start("mrm", policy_dir, tokenizer, train, held_out, config, base_name)
     vocab = run.peft_model.get_output_embeddings().out_features
     unseen = ~seen_tokens(run.train, vocab)
+    start = None
+    if init is not None:
+        start = load_mrm_artifacts(init)
+        set_peft_model_state_dict(run.peft_model, start.lora_state)
+        unseen &= start.unseen_mask.cpu()
     held_ex = restrict(run.held_ex, ~unseen, HELD_OUT_CURVE_RECORDS)  # the search never steps onto unseen tokens
     train_logits, train_log_probs = _reference_outputs(run.peft_model, run.train_ex, config, run.pad_id)
     _mrm_targets(run.train_ex, train_log_probs, config)
     _mrm_targets(held_ex, _reference_outputs(run.peft_model, held_ex, config, run.pad_id)[1], config)
-    head = _MRMHead(run.peft_model, _initial_bias(run.train_ex, train_logits, vocab, config))
+    bias = _initial_bias(run.train_ex, train_logits, vocab, config)
+    if start is not None:  # the earlier round's bias, except for the tokens it never saw
+        bias = torch.where(start.unseen_mask.cpu(), bias, start.lm_head_bias.float().cpu())
+    head = _MRMHead(run.peft_model, bias)
     groups = [{"params": run.lora_params, "lr": config.lr}, {"params": [head.bias], "lr": config.head_lr}]
     curve = _fit(head, groups, run.train_ex, held_ex, config, run.pad_id, "train-mrm")
     for key in ("train_mse", "held_out_mse"):  # report in the units of R, like the PRM
         curve[key] = [m / config.mrm_reward_scale**2 for m in curve[key]]
     save_mrm(out_dir, run.peft_model, None, head.bias.detach(), unseen)
     return run.report("mrm", config, curve, seen_tokens=int((~unseen).sum()), vocab_size=vocab)
+
+
+ONPOLICY = "onpolicy"  # RewardRecord.kind of the search's own answers (model_store.pipeline.onpolicy_round)
+
+
+def replay_sample(records: list[RewardRecord], config: TrainConfig) -> list[RewardRecord]:
+    """Every on-policy record, and ``replay`` times as many of the others, drawn with the config's seed."""
+    new = [r for r in records if r.kind == ONPOLICY]
+    old = [r for r in records if r.kind != ONPOLICY]
+    keep = random.Random(config.seed).sample(old, min(len(old), int(config.replay * len(new))))
+    return new + keep
 
 
 def train_prm(

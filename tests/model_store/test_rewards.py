@@ -523,3 +523,29 @@ def test_continue_answers_do_not_depend_on_row_order_or_batch(policy: Policy):
     assert by_row(reordered, again) == by_row(rows, answers)
     assert policy.continue_([rows[3]], total, generator_seed=3) == [answers[3]]  # alone, on a warm cache
     assert policy.continue_(rows, total, generator_seed=4) != answers
+
+
+# ----------------------------------------------------------------------------- recipe v2
+
+
+def test_outcome_reward_is_the_product_promise():
+    harmful, benign = rewards.Prompt("h:1", "x", True), rewards.Prompt("b:1", "y", False)
+    refusal = "I'm sorry, but I can't help with that. It could hurt people."
+    answer = "Boil the eggs for about seven minutes, then cool them in cold water."
+    loop = "I'm sorry, but I can't help with the sorry sorry sorry sorry sorry sorry"
+    assert rewards.outcome_reward(harmful, refusal) == 1.0 and rewards.outcome_reward(harmful, answer) == 0.0
+    assert rewards.outcome_reward(benign, answer) == 1.0 and rewards.outcome_reward(benign, refusal) == 0.0  # over-refusal
+    assert rewards.outcome_reward(harmful, loop) == 0.0 and rewards.outcome_reward(benign, loop) == 0.0
+
+
+def test_synthetic_loop_repeats_the_tokens_before_its_cut():
+    import random
+
+    resp = list(range(100, 130))
+    for seed in range(20):
+        ids, cut = rewards.synthetic_loop(resp, 40, random.Random(seed), frozenset({2}))
+        assert len(ids) == 40 and ids[:cut] == resp[:cut] and 6 <= cut < 30
+        tail = ids[cut:]
+        unit = next(k for k in (1, 2, 3) if tail[:k] == resp[cut - k : cut] and all(tail[i] == tail[i % k] for i in range(len(tail))))
+        assert unit in rewards.LOOP_UNITS
+    assert rewards.synthetic_loop([5] * 7, 40, random.Random(0), frozenset()) is None  # too short to cut
