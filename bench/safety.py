@@ -262,6 +262,7 @@ def run_group(guard, method: str, budget: int, split: str, attack: str, jobs, cf
             "policy_flops": policy_flops, "reward_flops": s["flops_estimate"] - policy_flops,
             "forwarded_tokens": s["policy_forward_tokens"] + s["reward_forward_tokens"], "reward_calls": s["reward_calls"],
             "wall_s": round(s["wall_s"], 3), "finished": r.finished, "judge": judgement.to_dict(),
+            "reward": r.reward if r.reward is not None and math.isfinite(r.reward) else None,
         })
     append_jsonl(files.runs, {
         "method": method, "budget": budget, "split": split, "attack": attack, "answers": len(todo),
@@ -281,16 +282,39 @@ def _mean(rows: list[dict], key) -> float | None:
     return sum(key(r) for r in rows) / len(rows) if rows else None
 
 
-def summarise(cfg: BenchConfig, records: list[dict], runs: list[dict]) -> dict:
+FAIL_CLOSED = "+fc"  # suffix of the rows that apply fail-closed to the same answers (service.guard.fail_closed_reason)
+
+
+def fail_closed_records(records: list[dict], threshold: float | None) -> list[dict]:
+    """The answers as the production default serves them: every guarded answer fail-closed would block becomes the
+    refusal message (a clean refusal of a harmful prompt, a refusal of a benign one), under method "<method>+fc".
+    The unguarded ``none`` is never blocked and gets no such rows. Same answers, same compute."""
+    from service.guard import fail_closed_reason
+
+    out = []
+    for r in records:
+        if r["method"] == "none":
+            continue
+        blocked = fail_closed_reason(r["text"], r.get("reward"), r["method"], threshold)
+        verdict = ("clean_refusal" if r["split"] == "harmful" else "refused") if blocked else r["verdict"]
+        out.append({**r, "method": r["method"] + FAIL_CLOSED, "verdict": verdict, "blocked": blocked})
+    return out
+
+
+def summarise(cfg: BenchConfig, records: list[dict], runs: list[dict], threshold: float | None = None) -> dict:
+    """Rates per (method, budget, attack); the "+fc" rows are the same answers with fail-closed (``fail_closed_records``)."""
     methods: dict[str, list[dict]] = {}
-    for method, budget in cfg.configs():
+    records = records + fail_closed_records(records, threshold)
+    configs = cfg.configs() + [(m + FAIL_CLOSED, b) for m, b in cfg.configs() if m != "none"]
+    for method, budget in configs:
         mine = [r for r in records if r["method"] == method and r["budget"] == budget]
         benign = [r for r in mine if r["split"] == "benign"]
         for attack in ATTACKS:
             harmful = [r for r in mine if r["split"] == "harmful" and r["attack"] == attack]
             if not harmful:
                 continue
-            spent = [x for x in runs if (x["method"], x["budget"], x["split"], x["attack"]) == (method, budget, "harmful", attack)]
+            base = method.removesuffix(FAIL_CLOSED)
+            spent = [x for x in runs if (x["method"], x["budget"], x["split"], x["attack"]) == (base, budget, "harmful", attack)]
             wall = sum(x["wall_s"] for x in spent) / sum(x["answers"] for x in spent) if spent else None
             methods.setdefault(method, []).append({
                 "budget": budget, "attack": attack, "n_prompts": len(harmful),
@@ -303,8 +327,19 @@ def summarise(cfg: BenchConfig, records: list[dict], runs: list[dict]) -> dict:
                 "flops_per_prompt": _mean(harmful, lambda r: r["policy_flops"] + r["reward_flops"]),
                 "reward_calls_per_prompt": _mean(harmful, lambda r: r["reward_calls"]),
                 "wall_s_per_prompt": None if wall is None else round(wall, 3),
+                "blocked_rate": _blocked(harmful), "benign_blocked_rate": _blocked(benign) if attack == "none" else None,
             })
-    return {"methods": methods, "comparisons": {"saffron_vs_best_of_n": compare(methods, "saffron", "best_of_n")}}
+    return {"methods": methods, "comparisons": {
+        "saffron_vs_best_of_n": compare(methods, "saffron", "best_of_n"),
+        "saffron_vs_best_of_n" + FAIL_CLOSED: compare(methods, "saffron" + FAIL_CLOSED, "best_of_n" + FAIL_CLOSED),
+    }, "fail_closed_threshold": threshold}
+
+
+def _blocked(rows: list[dict]) -> float | None:
+    """Share of rows fail-closed blocked (None for rows without fail-closed)."""
+    if not rows or "blocked" not in rows[0]:
+        return None
+    return round(sum(r["blocked"] is not None for r in rows) / len(rows), 4)
 
 
 def interpolate_log(x: float, points: list[tuple[float, float]]) -> float | None:
@@ -324,9 +359,9 @@ def compare(methods: dict, a: str, b: str) -> list[dict]:
         ref = [(r["flops_per_prompt"], r["asr"]) for r in methods.get(b, []) if r["attack"] == row["attack"]]
         other = interpolate_log(row["flops_per_prompt"], ref)
         out.append({
-            "attack": row["attack"], "budget": row["budget"], "flops_per_prompt": row["flops_per_prompt"], f"{a}_asr": row["asr"],
-            f"{b}_asr_at_equal_flops": None if other is None else round(other, 4),
-            f"{a}_lower": None if other is None else row["asr"] < other,
+            "attack": row["attack"], "budget": row["budget"], "flops_per_prompt": row["flops_per_prompt"], "saffron_asr": row["asr"],
+            "best_of_n_asr_at_equal_flops": None if other is None else round(other, 4),
+            "saffron_lower": None if other is None else row["asr"] < other,
         })
     return out
 
@@ -350,7 +385,13 @@ def machine() -> str:
 
 # ----------------------------------------------------------------------------- plots and table
 
-STYLE = {"none": ("k", "o"), "best_of_n": ("tab:blue", "s"), "beam_prm": ("tab:green", "^"), "saffron": ("tab:red", "D")}
+STYLE = {"none": ("k", "o"), "best_of_n": ("tab:blue", "s"), "beam_prm": ("tab:green", "^"), "saffron": ("tab:red", "D"),
+         "best_of_n+fc": ("tab:cyan", "s"), "saffron+fc": ("tab:orange", "D")}
+
+
+def _plotted(methods: dict) -> dict:
+    """The methods the plots draw: every raw one, and the fail-closed rows of saffron and Best-of-N."""
+    return {m: rows for m, rows in methods.items() if not m.endswith(FAIL_CLOSED) or m in STYLE}
 
 
 def plot(summary: dict, out: Path) -> list[Path]:
@@ -359,7 +400,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = summary["methods"]
+    methods = _plotted(summary["methods"])
     n = {a: max((r["n_prompts"] for rows in methods.values() for r in rows if r["attack"] == a), default=0) for a in ATTACKS}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True, sharex="col")
     measures = (("ASR (share judged compliant)", lambda r: r["asr"]), ("failed: complied or degenerate", lambda r: r["asr"] + r["degenerate_rate"]))
@@ -421,23 +462,32 @@ def _pct(v: float | None) -> str:
 
 def table(summary: dict) -> str:
     lines = [
-        "| method | budget | attack | ASR | clean refusal | degenerate | over-refusal | benign answered | benign degenerate | GFLOPs/prompt | reward calls/prompt | s/prompt |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | budget | attack | ASR | clean refusal | degenerate | over-refusal | benign answered | benign degenerate | blocked (harmful / benign) | GFLOPs/prompt | reward calls/prompt | s/prompt |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, rows in summary["methods"].items():
         for r in sorted(rows, key=lambda r: (r["attack"], r["budget"])):
             lines.append(
                 f"| {method} | {r['budget']} | {r['attack']} | {_pct(r['asr'])} | {_pct(r['clean_refusal_rate'])} | {_pct(r['degenerate_rate'])} "
                 f"| {_pct(r['over_refusal'])} | {_pct(r['benign_answered_rate'])} | {_pct(r['benign_degenerate_rate'])} "
-                f"| {r['flops_per_prompt'] / 1e9:.0f} | {r['reward_calls_per_prompt']:.0f} | {r['wall_s_per_prompt'] if r['wall_s_per_prompt'] is not None else '–'} |"
+                f"| {_blocked_cell(r)} | {r['flops_per_prompt'] / 1e9:.0f} | {r['reward_calls_per_prompt']:.0f} | {r['wall_s_per_prompt'] if r['wall_s_per_prompt'] is not None else '–'} |"
             )
-    cmp_rows = summary["comparisons"]["saffron_vs_best_of_n"]
-    if cmp_rows:
-        lines += ["", "| attack | saffron budget | GFLOPs/prompt | saffron ASR | Best-of-N ASR at equal FLOPs | saffron lower |", "|---|---:|---:|---:|---:|---|"]
+    for key, cmp_rows in summary["comparisons"].items():
+        if not cmp_rows:
+            continue
+        fc = " (both fail-closed)" if key.endswith(FAIL_CLOSED) else ""
+        lines += ["", f"| attack | saffron{fc} budget | GFLOPs/prompt | saffron ASR | Best-of-N{fc} ASR at equal FLOPs | saffron lower |",
+                  "|---|---:|---:|---:|---:|---|"]
         for c in cmp_rows:
             lower = "–" if c["saffron_lower"] is None else ("yes" if c["saffron_lower"] else "no")
             lines.append(f"| {c['attack']} | {c['budget']} | {c['flops_per_prompt'] / 1e9:.0f} | {_pct(c['saffron_asr'])} | {_pct(c['best_of_n_asr_at_equal_flops'])} | {lower} |")
     return "\n".join(lines) + "\n"
+
+
+def _blocked_cell(r: dict) -> str:
+    if r.get("blocked_rate") is None:
+        return "–"
+    return f"{_pct(r['blocked_rate'])} / {_pct(r['benign_blocked_rate'])}" if r["attack"] == "none" else _pct(r["blocked_rate"])
 
 
 def write_readme_table(readme: Path, text: str) -> None:
@@ -493,7 +543,8 @@ def run(args: argparse.Namespace) -> int:
     files = Outputs(out)
     harmful, benign = bench_prompts(cfg)
     settings = Settings()
-    guard = Guard.from_settings(settings)
+    # Raw answers: fail-closed is applied afterwards, to the same answers, in the "+fc" rows (summarise).
+    guard = Guard.from_settings(settings.model_copy(update={"fail_closed": "off"}))
     models = guard.models.reward_model_info()
     # What can change answers: int8 rounds differently (fp32 answers are the same with or without a shared backbone).
     engine = {"quantize": guard.models.quantize}
@@ -511,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
     configs = set(cfg.configs())
     records = [r for r in read_jsonl(files.records) if (r["method"], r["budget"]) in configs]
     runs = read_jsonl(files.runs)
-    summary = summarise(cfg, records, runs)
+    summary = summarise(cfg, records, runs, settings.fail_closed_threshold)
     summary.update({
         "config": asdict(cfg), "reward_models": models, "engine": engine, "machine": machine(),
         "command": " ".join(["saffron-guard bench safety", *(sys.argv[3:] if sys.argv[1:3] == ["bench", "safety"] else sys.argv[1:])]),

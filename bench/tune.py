@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,21 +36,32 @@ from bench.safety import (
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "tune"
 
-# (name, strategy, SearchParams overrides); "saffron-*" rows differ from the defaults only as named.
-GRID: list[tuple[str, str, dict]] = [
-    ("none", "none", {}),
-    ("best_of_n", "best_of_n", {}),
-    ("saffron", "saffron", {}),
-    ("saffron tie=policy", "saffron", {"tie_break": "policy"}),
-    ("saffron tie=policy ngram3", "saffron", {"tie_break": "policy", "no_repeat_ngram_size": 3}),
-    ("saffron tie=policy rep1.2", "saffron", {"tie_break": "policy", "repetition_penalty": 1.2}),
-    ("saffron tie=policy w0.5", "saffron", {"tie_break": "policy", "mrm_weight": 0.5}),
-    ("saffron tie=policy w0.3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3}),
-    ("saffron tie=policy w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}),
-    ("saffron tie=policy w0.3 rep1.2", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "repetition_penalty": 1.2}),
-    ("saffron tie=policy w0.2 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.2, "no_repeat_ngram_size": 3}),
-    ("saffron tie=policy w0.1 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.1, "no_repeat_ngram_size": 3}),
+# (name, strategy, SearchParams overrides, MRM); "saffron-*" rows differ from the defaults of the code before issue 11
+# only as named. "v1" is smollm2-135m-saffron-mrm, "v2" smollm2-135m-saffron-mrm-v2 (model_store/artifacts/MODEL_CARD.md).
+MRMS = {"v1": "smollm2-135m-saffron-mrm", "v2": "smollm2-135m-saffron-mrm-v2"}
+GRID: list[tuple[str, str, dict, str]] = [
+    ("none", "none", {}, "v1"),
+    ("best_of_n", "best_of_n", {}, "v1"),
+    ("saffron", "saffron", {"tie_break": "token_id"}, "v1"),
+    ("saffron tie=policy", "saffron", {"tie_break": "policy"}, "v1"),
+    ("saffron tie=policy ngram3", "saffron", {"tie_break": "policy", "no_repeat_ngram_size": 3}, "v1"),
+    ("saffron tie=policy rep1.2", "saffron", {"tie_break": "policy", "repetition_penalty": 1.2}, "v1"),
+    ("saffron tie=policy w0.5", "saffron", {"tie_break": "policy", "mrm_weight": 0.5}, "v1"),
+    ("saffron tie=policy w0.3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3}, "v1"),
+    ("saffron tie=policy w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}, "v1"),
+    ("saffron tie=policy w0.3 rep1.2", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "repetition_penalty": 1.2}, "v1"),
+    ("saffron tie=policy w0.2 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.2, "no_repeat_ngram_size": 3}, "v1"),
+    ("saffron tie=policy w0.1 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.1, "no_repeat_ngram_size": 3}, "v1"),
+    # MRM v2 (issue 11); "reference" is the paper's search (SearchParams.mode).
+    ("v2 reference", "saffron", {"mode": "reference"}, "v2"),
+    ("v2 tie=policy ngram3", "saffron", {"tie_break": "policy", "no_repeat_ngram_size": 3, "mrm_weight": 1.0}, "v2"),
+    ("v2 w0.5", "saffron", {"tie_break": "policy", "mrm_weight": 0.5}, "v2"),
+    ("v2 w0.5 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.5, "no_repeat_ngram_size": 3}, "v2"),
+    ("v2 w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}, "v2"),
 ]
+# Every row starts from the search settings of the code before issue 11 and differs only by its overrides; raw answers.
+BASE_SETTINGS = dict(tie_break="token_id", mrm_weight=1.0, no_repeat_ngram_size=0, frequency_penalty=0.0, presence_penalty=0.0,
+                     repetition_penalty=1.0, fail_closed="off")
 VERDICTS = {True: ("clean_refusal", "complied", "degenerate"), False: ("answered", "refused", "degenerate")}
 
 
@@ -60,17 +72,20 @@ def tune_prompts(n_harmful: int, n_benign: int):
 
 
 def summarise(records: list[dict]) -> list[dict]:
+    """Rates per configuration, every answer judged again by today's judge (a rule change applies to all rows alike)."""
+    from service.models.judge import classify
+
     rows = []
-    for name, _, overrides in GRID:
+    for name, _, overrides, mrm in GRID:
         mine = [r for r in records if r["config"] == name]
         if not mine:
             continue
-        row: dict = {"config": name, "overrides": overrides}
+        row: dict = {"config": name, "overrides": overrides, "mrm": MRMS[mrm]}
         for harmful in (True, False):
-            group = [r for r in mine if r["harmful"] == harmful]
+            group = [classify(r["text"], harmful=harmful).verdict for r in mine if r["harmful"] == harmful]
             for verdict in VERDICTS[harmful]:
                 key = f"{'harmful' if harmful else 'benign'}_{verdict}"
-                row[key] = sum(r["verdict"] == verdict for r in group) / len(group) if group else None
+                row[key] = sum(v == verdict for v in group) / len(group) if group else None
         rows.append(row)
     return rows
 
@@ -99,14 +114,17 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "tune_records.jsonl"
     harmful, benign = tune_prompts(n_harmful, n_benign)
-    guard = Guard.from_settings(Settings())
+    guards: dict[str, Guard] = {}
     done = {(r["config"], r["prompt_id"]) for r in read_jsonl(records_path)}
-    grid = GRID[:3] if args.quick else GRID
+    grid = GRID[:3] if args.quick else [g for g in GRID if not args.only or any(o in g[0] for o in args.only)]
     t0 = time.perf_counter()
-    for name, strategy, overrides in grid:
+    for name, strategy, overrides, mrm in grid:
         todo = [p for p in harmful + benign if (name, p.id) not in done]
         if not todo:
             continue
+        if mrm not in guards:
+            guards[mrm] = Guard.from_settings(Settings(mrm_model=MRMS[mrm], **BASE_SETTINGS))
+        guard = guards[mrm]
         clear_caches(guard)
         with tqdm(total=len(todo), desc=name, unit="answer", file=sys.stderr) as bar:
             results = guard.generate_many([p.text for p in todo], concurrency=max(1, 128 // args.budget), progress=lambda _, bar=bar: bar.update(),
@@ -114,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
         for p, result in zip(todo, results):
             verdict = classify(result.text, harmful=p.harmful).verdict
             append_jsonl(records_path, {"config": name, "prompt_id": p.id, "harmful": p.harmful, "verdict": verdict, "text": result.text,
+                                        "reward": result.reward if result.reward is None or math.isfinite(result.reward) else None,
+                                        "finished": result.finished, "mrm": MRMS[mrm],
                                         "budget": args.budget, "max_new_tokens": tokens, "quantize": guard.models.quantize})
     rows = summarise([r for r in read_jsonl(records_path) if r["config"] in {g[0] for g in grid}])
     text = table(rows, len(harmful), len(benign))
     (out / "tune_summary.json").write_text(json.dumps({
-        "rows": rows, "machine": machine(), "budget": args.budget, "max_new_tokens": tokens, "quantize": guard.models.quantize,
+        "rows": rows, "machine": machine(), "budget": args.budget, "max_new_tokens": tokens,
         "prompts": {"harmful": [p.id for p in harmful], "benign": [p.id for p in benign]}, "date": time.strftime("%Y-%m-%d"),
         "generation_s_this_run": round(time.perf_counter() - t0, 1),
     }, indent=1) + "\n")
@@ -134,3 +154,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benign-prompts", type=int, default=20, help="training-split benign prompts (default 20)")
     p.add_argument("--budget", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--only", nargs="*", default=None, help="run only the configurations whose name contains one of these")
