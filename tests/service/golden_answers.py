@@ -25,6 +25,10 @@ CONFIGS = [
     dict(strategy="saffron", budget=4),
 ]
 MAX_NEW_TOKENS = 16
+# The settings the committed benchmark ran with before issue 11 changed the defaults: MRM v1, no repetition
+# controls, ties to the smaller token id, the MRM's score alone, raw answers (no fail-closed), fp32.
+BENCHMARKED = dict(quantize="none", mrm_model="smollm2-135m-saffron-mrm", tie_break="token_id", mrm_weight=1.0, no_repeat_ngram_size=0,
+                   frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, fail_closed="off", safety_mode="guarded")
 
 
 def answers(guard) -> list[dict]:
@@ -39,5 +43,5 @@ if __name__ == "__main__":
     from service.config import Settings
     from service.guard import Guard
 
-    json.dump(answers(Guard.from_settings(Settings(quantize="none"))), sys.stdout, indent=None)
+    json.dump(answers(Guard.from_settings(Settings(**BENCHMARKED))), sys.stdout, indent=None)
     print()

@@ -14,7 +14,7 @@ import pytest
 
 from service.config import Settings
 from service.guard import Guard
-from tests.service.golden_answers import answers
+from tests.service.golden_answers import BENCHMARKED, answers
 
 pytestmark = pytest.mark.model
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.model
 @pytest.mark.parametrize("share_backbone", [True, False])
 def test_answers_are_token_identical_to_the_benchmarked_code(share_backbone):
     want = json.loads((Path(__file__).parent / "golden_answers.json").read_text())
-    got = answers(Guard.from_settings(Settings(quantize="none", share_backbone=share_backbone)))
+    got = answers(Guard.from_settings(Settings(**BENCHMARKED, share_backbone=share_backbone)))
     assert [(g["strategy"], g["budget"], g["request"]) for g in got] == [(w["strategy"], w["budget"], w["request"]) for w in want]
     for g, w in zip(got, want):
         assert g["token_ids"] == w["token_ids"], (g["strategy"], g["budget"], g["request"])
