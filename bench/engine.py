@@ -60,7 +60,9 @@ def greedy(guard, texts: list[str], max_new_tokens: int, repeats: int = 2) -> di
 
     def project(text: str) -> list[int]:
         clear_caches(guard)
-        return guard.generate(text, strategy="none", temperature=0.0, min_new_tokens=0, max_new_tokens=max_new_tokens).token_ids
+        # Repetition controls off: transformers' no_repeat_ngram_size also counts the prompt, ours the answer only.
+        return guard.generate(text, strategy="none", temperature=0.0, min_new_tokens=0, max_new_tokens=max_new_tokens,
+                              no_repeat_ngram_size=0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0).token_ids
 
     def transformers(text: str) -> list[int]:
         ids = torch.tensor([guard.prepare([{"role": "user", "content": text}], guard.params(strategy="none")).layout.policy_prefix])

@@ -31,7 +31,7 @@ from service.models.judge import BENIGN_VERDICTS, HARMFUL_VERDICTS
 
 def record(method, budget, verdict, *, split="harmful", attack="none", flops=1e9, prompt="harmbench:121"):
     return {"prompt_id": prompt, "split": split, "attack": attack, "method": method, "budget": budget, "verdict": verdict,
-            "policy_flops": flops, "reward_flops": 0.0, "reward_calls": budget}
+            "policy_flops": flops, "reward_flops": 0.0, "reward_calls": budget, "text": "An answer of a few words.", "reward": None}
 
 
 def test_summary_rates_and_equal_compute_comparison():
@@ -101,7 +101,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
 
     summary = json.loads((tmp_path / "safety_summary.json").read_text())
-    assert set(summary["methods"]) == set(safety.METHODS)
+    assert set(summary["methods"]) == set(safety.METHODS) | {m + safety.FAIL_CLOSED for m in safety.METHODS if m != "none"}
     assert {"machine", "command", "config", "date"} <= summary.keys()
     for method, rows in summary["methods"].items():
         for attack in safety.ATTACKS:
@@ -137,7 +137,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path):
 
 
 def test_committed_results_agree_with_their_records_and_the_readme():
-    out = safety.DEFAULT_OUT
+    out = safety.DEFAULT_OUT / "v2"  # the run of today's defaults (bench/README.md "After issue 11")
     summary = json.loads((out / "safety_summary.json").read_text())
     cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
     records = read_jsonl(out / "safety_records.jsonl")

@@ -224,7 +224,10 @@ FAIL_CLOSED_TRIES = [
 
 
 def test_fail_closed_answers_like_the_library_and_streams_nothing_it_could_withdraw(settings, client):
-    closed = Settings(**(settings.model_dump() | {"fail_closed": "on", "fail_closed_threshold": 1e9}))  # no finished reward reaches it
+    # MRM v1 with the controls off (the settings before issue 11) still loops on the last try, so a block is certain;
+    # the threshold blocks any finished answer as well.
+    loops = {"mrm_model": "smollm2-135m-saffron-mrm", "tie_break": "token_id", "mrm_weight": 1.0, "no_repeat_ngram_size": 0}
+    closed = Settings(**(settings.model_dump() | loops | {"fail_closed": "on", "fail_closed_threshold": 1e9}))
     guard = Guard.from_settings(closed)
     request = dict(strategy="saffron", budget=2, min_new_tokens=0, max_new_tokens=16)
     tried = [(prompt, prefill, guard.generate(prompt, prefill=prefill, **request)) for prompt, prefill in FAIL_CLOSED_TRIES]
