@@ -42,9 +42,6 @@ class GenerationResult:
         return out
 
 
-BLOCK_REASONS = ("degenerate", "low_reward")
-
-
 def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold: float | None) -> str | None:
     """Why fail-closed replaces this answer, or None. The guard says it found no usable answer instead of sending it:
 
