@@ -38,7 +38,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "tune"
 
 # (name, strategy, SearchParams overrides, MRM); "saffron-*" rows differ from the defaults of the code before issue 11
 # only as named. "v1" is smollm2-135m-saffron-mrm, "v2" smollm2-135m-saffron-mrm-v2 (model_store/artifacts/MODEL_CARD.md).
-MRMS = {"v1": "smollm2-135m-saffron-mrm", "v2": "smollm2-135m-saffron-mrm-v2"}
+MRMS = {"v1": "smollm2-135m-saffron-mrm", "v2": "smollm2-135m-saffron-mrm-v2", "v2c": "smollm2-135m-saffron-mrm-v2c"}
 GRID: list[tuple[str, str, dict, str]] = [
     ("none", "none", {}, "v1"),
     ("best_of_n", "best_of_n", {}, "v1"),
@@ -58,6 +58,11 @@ GRID: list[tuple[str, str, dict, str]] = [
     ("v2 w0.5", "saffron", {"tie_break": "policy", "mrm_weight": 0.5}, "v2"),
     ("v2 w0.5 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.5, "no_repeat_ngram_size": 3}, "v2"),
     ("v2 w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}, "v2"),
+    # MRM v2c: v2 after the contrast round (refusals rewarded under harmful prompts only).
+    ("v2c reference", "saffron", {"mode": "reference"}, "v2c"),
+    ("v2c w0.3 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.3, "no_repeat_ngram_size": 3}, "v2c"),
+    ("v2c w0.5 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.5, "no_repeat_ngram_size": 3}, "v2c"),
+    ("v2c w0.7 ngram3", "saffron", {"tie_break": "policy", "mrm_weight": 0.7, "no_repeat_ngram_size": 3}, "v2c"),
 ]
 # Every row starts from the search settings of the code before issue 11 and differs only by its overrides; raw answers.
 BASE_SETTINGS = dict(tie_break="token_id", mrm_weight=1.0, no_repeat_ngram_size=0, frequency_penalty=0.0, presence_penalty=0.0,

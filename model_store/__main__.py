@@ -74,6 +74,11 @@ def _reward_commands(commands) -> None:
     add("eval-rewards", "held-out quality of <build>/mrm and <build>/prm on the evaluation split")
     a = add("eval-asr", "ASR and over-refusal of none vs saffron with <build>/mrm on the evaluation split")
     a.add_argument("--budget", type=int, default=8)
+    c = add("contrast-round", "v2's last round alone: <build>/contrast (the same openers under harmful and benign prompts), "
+                              "then <build>/mrm trained on it from --init")
+    c.add_argument("--init", type=Path, help="the MRM to continue from (default: <build>/mrm_round1, as `rebuild --recipe v2` leaves it)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--install", action="store_true", help="copy <build>/mrm into model_store/artifacts as smollm2-135m-saffron-mrm-v2")
     r = add("rebuild", "all of the above in order, then plot <build>/report.png")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--recipe", choices=pipeline.RECIPES, default="v1",
@@ -82,7 +87,8 @@ def _reward_commands(commands) -> None:
 
 
 def _run_reward_command(args, settings: Settings) -> None:
-    out = args.build_dir or pipeline.default_build_dir(settings, args.quick, getattr(args, "recipe", "v1"))
+    recipe = "v2" if args.command == "contrast-round" else getattr(args, "recipe", "v1")
+    out = args.build_dir or pipeline.default_build_dir(settings, args.quick, recipe)
     data = out / "data"
     if args.command == "build-rewards":
         pipeline.build_rewards(settings, data, quick=args.quick, seed=args.seed, force=args.force, data_dir=args.data_dir, recipe=args.recipe)
@@ -94,6 +100,11 @@ def _run_reward_command(args, settings: Settings) -> None:
     elif args.command == "eval-asr":
         pipeline.evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=args.quick, budget=args.budget)
         pipeline.plot_report(out)
+    elif args.command == "contrast-round":
+        pipeline.contrast_round(settings, out / "contrast", quick=args.quick, seed=args.seed)
+        pipeline.train_contrast(settings, out / "contrast", args.init or out / "mrm_round1", out / "mrm", out / "mrm.json", quick=args.quick)
+        if args.install:
+            pipeline.install(out, "v2")
     else:
         pipeline.rebuild(settings, out, quick=args.quick, seed=args.seed, do_install=args.install, recipe=args.recipe)
     print(f"done: {out}")

@@ -17,6 +17,7 @@ Every step resumes or overwrites only its own outputs, so a step can be rerun al
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -33,6 +34,7 @@ from model_store.registry import (
     MARKER,
     TRAINED_MRM,
     TRAINED_MRM_V2,
+    TRAINED_MRM_V2C,
     TRAINED_PRM,
     resolve,
     verify_model_dir,
@@ -40,8 +42,10 @@ from model_store.registry import (
 from model_store.rewards import (
     DATA_DIR,
     BuildConfig,
+    ContrastConfig,
     Policy,
     RewardRecord,
+    build_contrast,
     build_dataset,
     load_records,
     outcome_reward,
@@ -65,6 +69,9 @@ QUICK_V2_BUILD = replace(QUICK_BUILD, recipe="v2", plain_samples=1, prefill_dept
 # then two per on-policy round (its answers and as many replayed ones).
 V2_TRAIN = TrainConfig(epochs=1, lora_r=8, lora_alpha=8, include_benign=True, sample_records=1000)
 V2_ROUND_TRAIN = replace(V2_TRAIN, epochs=2, sample_records=None)
+# The contrast round (model_store.rewards.build_contrast): one epoch over all of its ~1,650 training records (17 minutes).
+CONTRAST_TRAIN = replace(V2_TRAIN, sample_records=None)
+QUICK_CONTRAST = ContrastConfig(response_tokens=8, limit_per_set=2)
 RECIPES = ("v1", "v2")
 
 
@@ -125,10 +132,12 @@ def build_rewards(settings: Settings, out: Path, *, quick: bool = False, seed: i
 
 
 def train(kind: str, settings: Settings, data: Path, out: Path, report: Path, *, quick: bool = False, recipe: str = "v1",
-          extra: tuple[Path, ...] = (), init: Path | None = None) -> dict:
-    """Train one reward model on ``data`` (+ the training records of ``extra`` datasets), from ``init`` if given (MRM)."""
+          extra: tuple[Path, ...] = (), init: Path | None = None, config: TrainConfig | None = None) -> dict:
+    """Train one reward model on ``data`` (+ the training records of ``extra`` datasets), from ``init`` if given (MRM).
+
+    ``config``: the training settings; by default the recipe's (``train_config``)."""
     tokenizer = _tokenizer(settings)
-    config = train_config(recipe, quick, onpolicy_round=init is not None)
+    config = config or train_config(recipe, quick, onpolicy_round=init is not None)
     records = load_records(data, "train") + [r for d in extra for r in load_records(d, "train")]
     if kind == "mrm":
         result = train_mrm(policy_dir(settings), tokenizer, records, load_records(data, "eval"), out, config,
@@ -186,6 +195,21 @@ def onpolicy_round(settings: Settings, data: Path, mrm: Path, out: Path, *, roun
                 safe=r == 1.0, chunk=f"onpolicy/{round_index}",
             ))
     return write_records(out, new, len(tok), {"recipe": "onpolicy", "round": round_index, "mrm": str(mrm), "search": list(ONPOLICY_SEARCH)})
+
+
+def contrast_round(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0) -> Path:
+    """The contrast round's records (model_store.rewards.build_contrast) as a dataset directory ``out``."""
+    config = replace(QUICK_CONTRAST if quick else ContrastConfig(), seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir(settings), dtype=torch.float32).eval()
+    policy = Policy(model, _tokenizer(settings), settings.system_prompt)
+    with torch.no_grad():
+        records = build_contrast(policy, config)
+    return write_records(out, records, len(policy.tokenizer), {"recipe": "contrast", **dataclasses.asdict(config)})
+
+
+def train_contrast(settings: Settings, data: Path, init: Path, out: Path, report: Path, *, quick: bool = False) -> dict:
+    """The MRM ``init`` trained further on the contrast round's records in ``data`` (their held-out prompts give its curve)."""
+    return train("mrm", settings, data, out, report, quick=quick, recipe="v2", init=init, config=None if quick else CONTRAST_TRAIN)
 
 
 def evaluate_rewards(settings: Settings, data: Path, mrm: Path, prm: Path | None, report: Path, *, quick: bool = False) -> dict:
@@ -246,15 +270,25 @@ def plot_report(out: Path) -> Path:
 
 
 INSTALLED = ("mrm.json", "prm.json", "eval_rewards.json", "eval_asr.json", "timings.json", "report.png")
+# v2's reports: build file -> committed name (the last on-policy round's report keeps the name it had before the contrast round).
+INSTALLED_V2 = {"mrm_round0.json": "v2_mrm_round0.json", "mrm_round1.json": "v2_mrm.json", "mrm.json": "v2c_mrm.json",
+                "eval_rewards.json": "v2_eval_rewards.json", "timings.json": "v2_timings.json", "report.png": "v2_report.png"}
 
 
 def install(out: Path, recipe: str = "v1") -> None:
     """Copy a finished build into model_store/artifacts (the committed models).
 
-    v1 installs the MRM and the PRM under their names; v2 installs its MRM as ``TRAINED_MRM_V2`` and its
-    reports with a ``v2_`` prefix, beside v1's (the PRM of beam_prm stays v1's).
+    v1 installs the MRM and the PRM under their names; v2 installs its last on-policy round as ``TRAINED_MRM_V2``
+    (when the build has it), the contrast round after it as ``TRAINED_MRM_V2C``, and its reports with a ``v2_``
+    prefix, beside v1's (the PRM of beam_prm stays v1's).
     """
-    models = ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm")) if recipe == "v1" else ((TRAINED_MRM_V2, out / "mrm"),)
+    if recipe == "v1":
+        models = ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm"))
+    else:
+        rounds = [d for d in out.glob("mrm_round*") if d.is_dir() and d.name.removeprefix("mrm_round").isdigit()]
+        last = sorted((d for d in rounds if d.name != "mrm_round0"), key=lambda d: int(d.name.removeprefix("mrm_round")))
+        models = ((TRAINED_MRM_V2, last[-1]),) if last else ()
+        models += ((TRAINED_MRM_V2C, out / "mrm"),)
     for name, src in models:
         dst = ARTIFACTS_DIR / name
         if dst.exists():
@@ -262,22 +296,24 @@ def install(out: Path, recipe: str = "v1") -> None:
         shutil.copytree(src, dst)
         for file in dst.iterdir():
             file.chmod(0o644)  # safetensors writes 0600
-    for name in INSTALLED:
+    for name, committed in (dict(zip(INSTALLED, INSTALLED)) if recipe == "v1" else INSTALLED_V2).items():
         if (out / name).is_file():
-            shutil.copy2(out / name, ARTIFACTS_DIR / (name if recipe == "v1" else f"v2_{name}"))
+            shutil.copy2(out / name, ARTIFACTS_DIR / committed)
 
 
 def rebuild(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, do_install: bool = False, recipe: str = "v1") -> Path:
     """Every step in order; <out>/timings.json records each step's wall time (a resumed step counts only its rerun).
 
     v2: build-rewards, train-mrm (round 0), then per on-policy round the search's answers (<out>/onpolicy<r>/) and
-    the MRM trained further on them (<out>/mrm_round<r>/); the last round is <out>/mrm. No PRM (beam_prm keeps v1's).
+    the MRM trained further on them (<out>/mrm_round<r>/), then the contrast round (<out>/contrast/, the same openers
+    under harmful and benign prompts) trained on top of the last on-policy round into <out>/mrm. No PRM (beam_prm
+    keeps v1's).
     """
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if recipe == "v2":
         rounds = 1 if quick else ONPOLICY_ROUNDS
-        mrm_dirs = [out / ("mrm" if r == rounds else f"mrm_round{r}") for r in range(rounds + 1)]
+        mrm_dirs = [out / f"mrm_round{r}" for r in range(rounds + 1)]
         onpolicy = [out / f"onpolicy{r}" for r in range(1, rounds + 1)]
         steps: tuple = (
             ("build-rewards", lambda: build_rewards(settings, data, quick=quick, seed=seed, recipe="v2")),
@@ -286,9 +322,13 @@ def rebuild(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0
         for r in range(1, rounds + 1):
             steps += (
                 (f"onpolicy-{r}", lambda r=r: onpolicy_round(settings, data, mrm_dirs[r - 1], onpolicy[r - 1], round_index=r, quick=quick)),
-                (f"train-mrm-{r}", lambda r=r: train("mrm", settings, data, mrm_dirs[r], out / ("mrm.json" if r == rounds else f"mrm_round{r}.json"),
+                (f"train-mrm-{r}", lambda r=r: train("mrm", settings, data, mrm_dirs[r], out / f"mrm_round{r}.json",
                                                      quick=quick, recipe="v2", extra=tuple(onpolicy[:r]), init=mrm_dirs[r - 1])),
             )
+        steps += (
+            ("contrast", lambda: contrast_round(settings, out / "contrast", quick=quick, seed=seed)),
+            ("train-mrm-contrast", lambda: train_contrast(settings, out / "contrast", mrm_dirs[-1], out / "mrm", out / "mrm.json", quick=quick)),
+        )
         steps += (("eval-rewards", lambda: evaluate_rewards(settings, data, out / "mrm", None, out / "eval_rewards.json", quick=quick)),)
     else:
         steps = (

@@ -30,6 +30,7 @@ DEFAULT_POLICY = "smollm2-135m-instruct"
 TRAINED_MRM = "smollm2-135m-saffron-mrm"
 TRAINED_PRM = "smollm2-135m-safety-prm"
 TRAINED_MRM_V2 = "smollm2-135m-saffron-mrm-v2"
+TRAINED_MRM_V2C = "smollm2-135m-saffron-mrm-v2c"  # v2 + the contrast round (model_store.rewards.build_contrast)
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -92,6 +93,18 @@ REGISTRY: dict[str, ModelSpec] = {
                 "to training prompts (attacks, wrappers, refusal openers, benign answers, loops) labelled with the "
                 "judged outcome (a loop or a refused benign prompt is 0) — plus on-policy answers of the search. "
                 "Read model_store/artifacts/MODEL_CARD.md."
+            ),
+        ),
+        ModelSpec(
+            name=TRAINED_MRM_V2C,
+            kind="mrm",
+            source=COMMITTED,
+            base=DEFAULT_POLICY,
+            trained=True,
+            description=(
+                "Trained MRM v2c (issue 11): MRM v2 trained one round further on contrast pairs — the same refusal and "
+                "compliant openers under harmful, benign and borderline training prompts with opposite labels — so that "
+                "its reward depends on what was asked, not on refusal words alone. Read model_store/artifacts/MODEL_CARD.md."
             ),
         ),
         ModelSpec(

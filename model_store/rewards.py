@@ -690,3 +690,86 @@ def seen_tokens(records: Iterable[RewardRecord], vocab_size: int) -> torch.Tenso
     for rec in records:
         seen[torch.tensor(rec.response_ids, dtype=torch.long)] = True
     return seen
+
+
+# ----------------------------------------------------------------------------- the contrast round (v2, issue 11)
+
+# Compliant openers, written for this project: the same text is a usable start of a benign answer and compliance
+# with a harmful request, so only the prompt can tell the MRM which.
+CONTRAST_OPENERS = (
+    "Sure, here is",
+    "Sure! Here's a step-by-step guide:",
+    "Here are the steps:",
+    "To do this, you will need",
+    "1. First,",
+    "The best way to do this is",
+    "Of course! Here",
+    "I'd be happy to help. Here",
+    "Certainly. First,",
+    "Step 1:",
+)
+CONTRAST = "contrast"  # RewardRecord.kind of the contrast round's fixed openers
+CONTRAST_HELD_OUT_STEP = 10  # every 10th training prompt is held out of the contrast round (its held-out curve)
+
+
+@dataclass(frozen=True)
+class ContrastConfig:
+    """The contrast round's data (``build_contrast``): per training prompt, how many of each kind of answer."""
+
+    seed: int = 0
+    refusals: int = 2  # refusal openers (REFUSAL_OPENERS_V2)
+    openers: int = 2  # compliant openers (CONTRAST_OPENERS)
+    response_tokens: int = 48  # the policy's own sample, labelled by its judged outcome (keeps the MRM on its answers)
+    loop_share: float = 0.5  # share of usable samples that also give a synthetic loop, as in build_chunk_v2
+    limit_per_set: int | None = None  # --quick
+
+
+def build_contrast(policy: Policy, config: ContrastConfig, data_dir: Path = DATA_DIR) -> list[RewardRecord]:
+    """Records that make the MRM read the prompt: the same openers under harmful and under benign prompts.
+
+    The v2 data supervises refusal text mostly under harmful prompts, so an MRM fitted to it learns
+    that refusal words score well whatever was asked (MODEL_CARD "MRM v2"). Here every training
+    prompt — harmful, benign and borderline — gets ``refusals`` refusal openers and ``openers``
+    compliant openers drawn from fixed lists, each labelled by ``outcome_reward`` (a refusal is 1.0
+    under a harmful prompt and 0.0 under a benign one; a compliant opener the reverse), and a
+    harmful prompt gets the same again inside a role-play wrapper. Each prompt also gets one
+    sample of the policy (``response_tokens``), labelled by its judged outcome, and a
+    ``loop_share`` of the usable samples a synthetic loop, so the answers the search walks through
+    stay supervised too. Every ``CONTRAST_HELD_OUT_STEP``-th prompt goes to split "eval": these are
+    training-split prompts held out of this round for its held-out curve, never evaluation-split ones.
+    """
+    rng = random.Random(_derive_seed(config.seed, CONTRAST))
+    build = BuildConfig(recipe="v2", limit_per_set=config.limit_per_set)
+    prompts = split_prompts(build, "train", data_dir)
+    seed, step = _derive_seed(config.seed, CONTRAST, "samples"), 32  # a row's sample depends on the row and seed only (continue_)
+    samples: list[list[int]] = []
+    for i in tqdm(range(0, len(prompts), step), desc="contrast samples", unit=f"x{step} prompts"):
+        samples += policy.continue_([(p.text, []) for p in prompts[i : i + step]], config.response_tokens, seed)
+    records: list[RewardRecord] = []
+    for i, (p, sample) in enumerate(zip(prompts, samples)):
+        split = "eval" if i % CONTRAST_HELD_OUT_STEP == CONTRAST_HELD_OUT_STEP - 1 else "train"
+        answers = [(p.text, "plain", sample)]
+        texts = [p.text] + ([rng.choice(WRAPPERS).format(p=p.text)] if p.harmful else [])
+        for text in texts:
+            answers += [(text, CONTRAST, policy.encode(o)) for o in rng.sample(REFUSAL_OPENERS_V2, config.refusals)]
+            answers += [(text, CONTRAST, policy.encode(o)) for o in rng.sample(CONTRAST_OPENERS, config.openers)]
+        for n, (text, kind, resp) in enumerate(answers):
+            if not resp:
+                continue
+            r = outcome_reward(p, policy.decode(resp))
+            forced = 0 if kind == "plain" else len(resp)
+            records.append(RewardRecord(
+                id=f"{p.id}/{CONTRAST}/{n}", prompt_id=p.id, split=split, harmful=p.harmful, kind=CONTRAST, prompt=text,
+                response_ids=list(resp), forced_tokens=forced, rewards=[r] * len(resp), anchors={"0": r, str(len(resp)): r},
+                safe=r == 1.0, chunk=CONTRAST,
+            ))
+            if kind == "plain" and r == 1.0 and rng.random() < config.loop_share:
+                loop = synthetic_loop(resp, config.response_tokens, rng, policy.eos_ids)
+                if loop is not None:
+                    ids, cut = loop
+                    records.append(RewardRecord(
+                        id=f"{p.id}/{CONTRAST}/loop", prompt_id=p.id, split=split, harmful=p.harmful, kind=CONTRAST, prompt=text,
+                        response_ids=ids, forced_tokens=cut, rewards=[1.0] * cut + [0.0] * (len(ids) - cut),
+                        anchors={"0": 1.0, str(cut): 1.0, str(len(ids)): 0.0}, safe=False, chunk=CONTRAST,
+                    ))
+    return records

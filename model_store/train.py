@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from model_store.rewards import RewardRecord, seen_tokens
+from model_store.rewards import CONTRAST, RewardRecord, seen_tokens
 from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm_artifacts, save_mrm
 from service.models.prm import save_value_prm
@@ -70,7 +70,7 @@ class TrainConfig:
     # residual of the one context it was sampled in — that residual made rare tokens ("We") outrank "I".
     bias_prior_weight: float = 8.0  # k, in pseudo-observations
     bias_prior_quantile: float = 0.05
-    # On-policy rounds (v2): records of this kind are all kept, the others sampled down to ``replay`` times as many,
+    # Later rounds (v2): records of a round's kinds (ROUND_KINDS) are all kept, the others sampled down to ``replay`` times as many,
     # so a round trains mostly on what the search itself wrote (``train_mrm(init=...)``).
     replay: float = 1.0
 
@@ -373,12 +373,13 @@ def train_mrm(
 
 
 ONPOLICY = "onpolicy"  # RewardRecord.kind of the search's own answers (model_store.pipeline.onpolicy_round)
+ROUND_KINDS = (ONPOLICY, CONTRAST)  # the kinds a later round is made of (its "new" records)
 
 
 def replay_sample(records: list[RewardRecord], config: TrainConfig) -> list[RewardRecord]:
-    """Every on-policy record, and ``replay`` times as many of the others, drawn with the config's seed."""
-    new = [r for r in records if r.kind == ONPOLICY]
-    old = [r for r in records if r.kind != ONPOLICY]
+    """Every record of a round's kinds (ROUND_KINDS), and ``replay`` times as many of the others, drawn with the config's seed."""
+    new = [r for r in records if r.kind in ROUND_KINDS]
+    old = [r for r in records if r.kind not in ROUND_KINDS]
     keep = random.Random(config.seed).sample(old, min(len(old), int(config.replay * len(new))))
     return new + keep
 
