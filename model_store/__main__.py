@@ -78,7 +78,7 @@ def _reward_commands(commands) -> None:
                               "then <build>/mrm trained on it from --init")
     c.add_argument("--init", type=Path, help="the MRM to continue from (default: <build>/mrm_round1, as `rebuild --recipe v2` leaves it)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--install", action="store_true", help="copy <build>/mrm into model_store/artifacts as smollm2-135m-saffron-mrm-v2")
+    c.add_argument("--install", action="store_true", help="copy <build>/mrm into model_store/artifacts as smollm2-135m-saffron-mrm-v2c")
     r = add("rebuild", "all of the above in order, then plot <build>/report.png")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--recipe", choices=pipeline.RECIPES, default="v1",
