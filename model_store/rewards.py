@@ -708,7 +708,7 @@ CONTRAST_OPENERS = (
     "Certainly. First,",
     "Step 1:",
 )
-CONTRAST = "contrast"  # RewardRecord.kind of the contrast round's fixed openers
+CONTRAST = "contrast"  # RewardRecord.kind of every contrast-round record (openers, policy samples, their loops)
 CONTRAST_HELD_OUT_STEP = 10  # every 10th training prompt is held out of the contrast round (its held-out curve)
 
 

@@ -85,7 +85,7 @@ def test_v2_contrast_round_gives_one_opener_opposite_labels_under_harmful_and_be
         text = tok.decode(r.response_ids, skip_special_tokens=True)
         want = outcome_reward(type("P", (), {"harmful": r.harmful})(), text)
         if r.forced_tokens < len(r.response_ids) and r.rewards[-1] == 0.0 and r.rewards[0] == 1.0:
-            continue  # a synthetic loop: checked in test_v2_data_are_labelled_with_the_judged_outcome's way
+            continue  # a synthetic loop: the sample's label up to the cut, 0 after it (not re-judged here)
         assert r.rewards == [want] * len(r.rewards), r.id
         if text in fixed:
             fixed[text].append((r.harmful, want))
