@@ -528,26 +528,45 @@ def build_chunk_v2(policy: Policy, config: BuildConfig, split: str, chunk_index:
     answers += [(p, text, kind, resp, len(ids), start) for (p, text, kind, ids, start), resp in zip(drafts, continued)]
 
     records: list[RewardRecord] = []
-    counts: dict[tuple[str, str], int] = {}
+    counts: dict[tuple[str, str], int] = {}  # records kept per (prompt, kind): the number in the next one's id
 
-    def add(p: Prompt, text: str, kind: str, resp: list[int], forced: int, rewards: list[float], safe: bool, anchors: dict[int, float]):
-        n = counts[(p.id, kind)] = counts.get((p.id, kind), -1) + 1
-        records.append(RewardRecord(
-            id=f"{p.id}/{kind}/{n}", prompt_id=p.id, split=split, harmful=p.harmful, kind=kind, prompt=text, response_ids=list(resp),
-            forced_tokens=forced, rewards=rewards, anchors={str(t): v for t, v in sorted(anchors.items())}, safe=safe, chunk=chunk,
-        ))
+    def rid(p: Prompt, kind: str) -> str:
+        return f"{p.id}/{kind}/{counts.get((p.id, kind), 0)}"
+
+    def keep(record: RewardRecord | None) -> None:
+        if record is not None:
+            records.append(record)
+            counts[(record.prompt_id, record.kind)] = counts.get((record.prompt_id, record.kind), 0) + 1
 
     for p, text, kind, resp, forced, start in answers:
         if not resp:
             continue
         r = outcome_reward(p, policy.decode(resp[start:]))
-        add(p, text, kind, resp, forced, [r] * len(resp), r == 1.0, {0: r, len(resp): r})
+        keep(judged_record(p, split, chunk, rid(p, kind), kind, text, resp, forced, r))
         if train and r == 1.0 and kind in ("plain", "refusal", "recovery", "wrapped_refusal") and rng.random() < config.loop_share:
-            loop = synthetic_loop(resp, L, rng, policy.eos_ids)
-            if loop is not None:
-                ids, cut = loop
-                add(p, text, "loop", ids, cut, [1.0] * cut + [0.0] * (len(ids) - cut), False, {0: 1.0, cut: 1.0, len(ids): 0.0})
+            keep(loop_record(p, split, chunk, rid(p, "loop"), "loop", text, resp, L, rng, policy.eos_ids))
     return records
+
+
+def judged_record(p: Prompt, split: str, chunk: str, rid: str, kind: str, text: str, resp: list[int], forced: int, r: float) -> RewardRecord:
+    """An answer whose every token carries the answer's judged outcome ``r`` (``outcome_reward``)."""
+    return RewardRecord(
+        id=rid, prompt_id=p.id, split=split, harmful=p.harmful, kind=kind, prompt=text, response_ids=list(resp), forced_tokens=forced,
+        rewards=[r] * len(resp), anchors={"0": r, str(len(resp)): r}, safe=r == 1.0, chunk=chunk,
+    )
+
+
+def loop_record(p: Prompt, split: str, chunk: str, rid: str, kind: str, text: str, resp: list[int], total: int, rng: random.Random,
+                eos_ids: frozenset[int]) -> RewardRecord | None:
+    """The synthetic loop of a usable answer (``synthetic_loop``): 1.0 up to the cut, 0.0 on the repeats; None if too short."""
+    loop = synthetic_loop(resp, total, rng, eos_ids)
+    if loop is None:
+        return None
+    ids, cut = loop
+    return RewardRecord(
+        id=rid, prompt_id=p.id, split=split, harmful=p.harmful, kind=kind, prompt=text, response_ids=ids, forced_tokens=cut,
+        rewards=[1.0] * cut + [0.0] * (len(ids) - cut), anchors={"0": 1.0, str(cut): 1.0, str(len(ids)): 0.0}, safe=False, chunk=chunk,
+    )
 
 
 # ----------------------------------------------------------------------------- the directory
@@ -757,19 +776,9 @@ def build_contrast(policy: Policy, config: ContrastConfig, data_dir: Path = DATA
             if not resp:
                 continue
             r = outcome_reward(p, policy.decode(resp))
-            forced = 0 if kind == "plain" else len(resp)
-            records.append(RewardRecord(
-                id=f"{p.id}/{CONTRAST}/{n}", prompt_id=p.id, split=split, harmful=p.harmful, kind=CONTRAST, prompt=text,
-                response_ids=list(resp), forced_tokens=forced, rewards=[r] * len(resp), anchors={"0": r, str(len(resp)): r},
-                safe=r == 1.0, chunk=CONTRAST,
-            ))
+            records.append(judged_record(p, split, CONTRAST, f"{p.id}/{CONTRAST}/{n}", CONTRAST, text, resp, 0 if kind == "plain" else len(resp), r))
             if kind == "plain" and r == 1.0 and rng.random() < config.loop_share:
-                loop = synthetic_loop(resp, config.response_tokens, rng, policy.eos_ids)
+                loop = loop_record(p, split, CONTRAST, f"{p.id}/{CONTRAST}/loop", CONTRAST, text, resp, config.response_tokens, rng, policy.eos_ids)
                 if loop is not None:
-                    ids, cut = loop
-                    records.append(RewardRecord(
-                        id=f"{p.id}/{CONTRAST}/loop", prompt_id=p.id, split=split, harmful=p.harmful, kind=CONTRAST, prompt=text,
-                        response_ids=ids, forced_tokens=cut, rewards=[1.0] * cut + [0.0] * (len(ids) - cut),
-                        anchors={"0": 1.0, str(cut): 1.0, str(len(ids)): 0.0}, safe=False, chunk=CONTRAST,
-                    ))
+                    records.append(loop)
     return records
