@@ -28,9 +28,9 @@ from model_store.rewards import BuildConfig, Policy, Prompt, RewardRecord, outco
 from model_store.train import Example, entry_rows, layout_examples, per_example
 from service.models import judge
 from service.models.bundle import pad_token_id
-from service.models.mrm import MRMTemplate, load_mrm
+from service.models.mrm import MRMTemplate, load_mrm, mask_unseen
 from service.models.prm import load_value_prm
-from service.search.calls import mask_unseen, nucleus_mask
+from service.search.calls import nucleus_mask
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:

@@ -19,10 +19,9 @@ from service.engine.malloc import fix_mmap_threshold
 from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TrieCache
 from service.models import judge
-from service.models.mrm import MRM, load_mrm, load_mrm_on_backbone, placeholder_mrm
+from service.models.mrm import MRM, load_mrm, load_mrm_on_backbone, mask_unseen, placeholder_mrm
 from service.models.prm import VALUE_HEAD, GuardPRM, ValuePRM, load_value_prm
 from service.models.quantize import quantize_int8, resolve_quantize
-from service.search.calls import mask_unseen
 
 logger = logging.getLogger(__name__)
 

@@ -300,3 +300,13 @@ def placeholder_mrm(policy_model: nn.Module, tokenizer) -> MRM:
     head = policy_model.get_output_embeddings()  # may be int8-quantized: no .weight tensor to ask
     unseen = torch.zeros(head.out_features, dtype=torch.bool, device=next(policy_model.parameters()).device)
     return MRM(model=policy_model, tokenizer=tokenizer, unseen_mask=unseen, name=PLACEHOLDER_NAME, trained=False)
+
+
+def mask_unseen(rewards: torch.Tensor, unseen: torch.Tensor, value: float) -> torch.Tensor:
+    """Conservative exploration: tokens the MRM never learned get reward ``value`` (new tensor).
+
+    ``rewards`` is [B, V_policy]; ``unseen`` is the MRM's [V_mrm] mask with V_mrm >= V_policy.
+    """
+    v = rewards.shape[1]
+    assert unseen.numel() >= v, f"{unseen.numel()=} < {v=}: the MRM must cover the policy vocabulary"
+    return rewards.float().masked_fill(unseen[:v].to(rewards.device), value)

@@ -154,16 +154,6 @@ def _nucleus_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return keep_sorted
 
 
-def mask_unseen(rewards: torch.Tensor, unseen: torch.Tensor, value: float) -> torch.Tensor:
-    """Conservative exploration: tokens the MRM never learned get reward ``value`` (new tensor).
-
-    ``rewards`` is [B, V_policy]; ``unseen`` is the MRM's [V_mrm] mask with V_mrm >= V_policy.
-    """
-    v = rewards.shape[1]
-    assert unseen.numel() >= v, f"{unseen.numel()=} < {v=}: the MRM must cover the policy vocabulary"
-    return rewards.float().masked_fill(unseen[:v].to(rewards.device), value)
-
-
 def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """Greedy (temperature 0) or multinomial sampling at ``temperature``; returns [B] token ids."""
     if temperature == 0.0:

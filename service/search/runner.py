@@ -15,8 +15,14 @@ import torch
 from service.engine.cached_lm import CallStats, PrefixCounter, last_logits_together
 from service.engine.trie_cache import common_prefix_len
 from service.models.bundle import ModelBundle
-from service.search import STRATEGY_FNS
+from service.search.beam_prm import beam_prm
 from service.search.calls import Call, Decision, SearchContext
+from service.search.params import STRATEGIES
+from service.search.saffron import saffron
+from service.search.sampling import best_of_n, unguarded
+
+STRATEGY_FNS = {"none": unguarded, "best_of_n": best_of_n, "beam_prm": beam_prm, "saffron": saffron}
+assert tuple(STRATEGY_FNS) == STRATEGIES, "service.search.params.STRATEGIES names the strategies, in this order"
 
 
 @dataclass

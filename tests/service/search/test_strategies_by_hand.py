@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from service.search import STRATEGY_FNS
-from service.search.calls import SearchContext, mask_unseen, nucleus_mask
+from service.models.mrm import mask_unseen
+from service.search.calls import SearchContext, nucleus_mask
 from service.search.params import SearchParams
+from service.search.runner import STRATEGY_FNS
 
 EOS, A, B, C, D = range(5)
 
