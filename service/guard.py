@@ -1,4 +1,10 @@
-"""The library entry point: a guarded ``generate`` over a loaded model bundle."""
+"""The library entry point: a guarded ``generate`` over a loaded model bundle.
+
+``Guard`` owns a request from chat messages to a finished, typed answer: the layout every model
+sees (``prepare``), the search (alone in ``generate``, stepped with others through
+``service.search.runner.Batch``), fail-closed, the judge's verdict and the ``SafetyReport``. The
+CLI, the benchmarks and the worker all finish a search with ``Guard.result``, so they answer alike.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
-from service.models.judge import degeneracy
+from service.models.judge import classify, degeneracy
+from service.models.kinds import ENGINE_KINDS, ModelKind
+from service.report import BlockReason, SafetyReport, finite_or_none
 from service.search.calls import SearchContext
 from service.search.params import SearchParams, params_from_settings
-from service.search.runner import RequestLayout, SearchRun, step_runs
+from service.search.runner import Batch, RequestLayout, SearchRun
 
 
 @dataclass
@@ -24,9 +32,11 @@ class GenerationResult:
     prefill: str  # assistant text forced before the generation ("" if none)
     stats: dict  # SearchStats.to_dict()
     reward_models: dict  # names and training status; carries a warning for untrained models
+    safety: SafetyReport  # what the HTTP API returns as ``safety``
+    prompt_tokens: int = 0  # the policy's prompt (chat template + prefill), OpenAI's usage.prompt_tokens
     params: dict = field(default_factory=dict)
     # Fail-closed (``fail_closed_reason``): why the search's answer was replaced by the refusal message, else None.
-    blocked: str | None = None
+    blocked: BlockReason | None = None
     search_text: str | None = None  # the search's own answer when blocked (``text`` is then the refusal message)
 
     @property
@@ -34,15 +44,20 @@ class GenerationResult:
         """OpenAI's finish_reason: "content_filter" when blocked, else "stop" (EOS) or "length"."""
         return "content_filter" if self.blocked else "stop" if self.finished else "length"
 
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
     def to_dict(self) -> dict:
         """JSON-safe dict: a non-finite reward becomes None (JSON has no Infinity)."""
         out = asdict(self)
-        if out["reward"] is not None and not math.isfinite(out["reward"]):
-            out["reward"] = None
+        out["reward"] = finite_or_none(self.reward)
+        out["safety"] = self.safety.model_dump()
+        out["finish_reason"] = self.finish_reason
         return out
 
 
-def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold: float | None) -> str | None:
+def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold: float | None) -> BlockReason | None:
     """Why fail-closed replaces this answer, or None. The guard says it found no usable answer instead of sending it:
 
     - ``"degenerate"``: a guarded strategy's answer is a loop, word or number salad (the benchmark judge's rule,
@@ -57,6 +72,10 @@ def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold
     if strategy == "saffron" and threshold is not None and reward is not None and math.isfinite(reward) and reward < threshold:
         return "low_reward"
     return None
+
+
+# SearchStats fields the safety report carries (the cost a client sees).
+SAFETY_STATS = ("reward_calls", "policy_forward_tokens", "reward_forward_tokens", "trie_reused_tokens", "distinct_trie_nodes", "flops_estimate")
 
 
 class Guard:
@@ -128,37 +147,54 @@ class Guard:
         """
         params = self.params(**overrides)
         pending = list(enumerate(prompts))
-        active: dict[int, SearchRun] = {}
         results: list[GenerationResult | None] = [None] * len(prompts)
+        batch = Batch()
         try:
-            while pending or active:
-                while pending and len(active) < concurrency:
+            while pending or len(batch):
+                while pending and len(batch) < concurrency:
                     i, prompt = pending.pop(0)
-                    run = self.prepare([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt), params)
-                    active[i] = run
-                    run.start()
-                for run in step_runs(list(active.values())):
-                    i = next(k for k, v in active.items() if v is run)
-                    run.close()
-                    del active[i]
+                    batch.add(i, self.prepare([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt), params))
+                for i, run in batch.step():
                     results[i] = self.result(run)
                     if progress is not None:
                         progress(results[i])
         finally:
-            for run in active.values():
-                run.close()
+            batch.close()
         return results  # type: ignore[return-value]
 
+    def job_params(self, fields: dict) -> SearchParams:
+        """Search parameters sent over the queue (``SearchParams.to_dict``), checked against this server's limits."""
+        s = self.settings
+        return SearchParams(**fields).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+
     def result(self, run: SearchRun) -> GenerationResult:
-        """The GenerationResult of a finished (and closed) run."""
+        """The answer of a finished (and closed) run: fail-closed, the judge's verdict, the safety report."""
         decision, params = run.decision, run.ctx.params
         assert decision is not None, "the run has not finished"
         generated = decision.ids[len(run.ctx.prefill_ids) :]
         tok = self.models.tokenizer
         text = tok.decode(generated, skip_special_tokens=True)
+        prefill = tok.decode(run.ctx.prefill_ids, skip_special_tokens=True)
         blocked = None
         if self.settings.fail_closed_on:
             blocked = fail_closed_reason(text, decision.reward, params.strategy, self.settings.fail_closed_threshold)
+        if blocked:  # the search's own answer stays counted as degenerate when that is why it was blocked
+            refused, source, degenerate = True, "guard", blocked == "degenerate"
+        else:
+            # The benchmark's judge: a loop is degenerate, never a refusal (service.models.judge.classify).
+            judgement = classify(prefill + text, harmful=True)
+            refused, source, degenerate = judgement.verdict == "clean_refusal", "policy", judgement.degenerate
+        stats, reward_models = run.stats.to_dict(), self.models.reward_model_info()
+        safety = SafetyReport(
+            strategy=params.strategy,
+            reward=decision.reward,
+            refused=refused,
+            refusal_source=source if refused else None,
+            degenerate=degenerate,
+            blocked=blocked,
+            reward_models=reward_models,
+            **{k: stats[k] for k in SAFETY_STATS},
+        )
         return GenerationResult(
             text=self.settings.refusal_message if blocked else text,
             blocked=blocked,
@@ -167,8 +203,25 @@ class Guard:
             reward=decision.reward,
             finished=decision.finished,
             strategy=params.strategy,
-            prefill=tok.decode(run.ctx.prefill_ids, skip_special_tokens=True),
-            stats=run.stats.to_dict(),
-            reward_models=self.models.reward_model_info(),
+            prefill=prefill,
+            stats=stats,
+            reward_models=reward_models,
+            safety=safety,
+            prompt_tokens=len(run.layout.policy_prefix) + len(run.ctx.prefill_ids),
             params=params.to_dict(),
         )
+
+    def committed_text(self, run: SearchRun) -> str:
+        """The answer text every node of a running search agrees on (it cannot change any more), for streaming."""
+        eos = self.models.eos_ids
+        return self.models.tokenizer.decode([t for t in run.committed[len(run.ctx.prefill_ids) :] if t not in eos], skip_special_tokens=True)
+
+    def engine_totals(self) -> dict[ModelKind, tuple[int, int, int, int]]:
+        """Per engine since start: (query tokens, forwarded tokens, tokens reused from the trie, tokens evicted)."""
+        totals = {}
+        for kind in ENGINE_KINDS:
+            engine = self.models.engine(kind)
+            t = engine.total
+            evicted = engine.cache.counters.evicted_tokens if engine.cached else 0
+            totals[kind] = (t.forwarded_tokens - t.recomputed_tokens + t.reused_tokens, t.forwarded_tokens, t.reused_tokens, evicted)
+        return totals

@@ -37,10 +37,10 @@ def _service(request: Request) -> GatewayService:
 async def chat_completions(request: Request) -> Response:
     """Create a chat completion; with ``stream: true``, server-sent events ending in ``data: [DONE]``."""
     service = _service(request)
-    call = await service.accept(request.headers, request.stream())
-    if call.request.stream:
-        return StreamingResponse(service.stream(call), media_type="text/event-stream", headers=SSE_HEADERS)
-    completion = await service.complete(call, request.is_disconnected)
+    admitted = await service.accept(request.headers, request.stream())
+    if admitted.request.stream:
+        return StreamingResponse(service.stream(admitted), media_type="text/event-stream", headers=SSE_HEADERS)
+    completion = await service.complete(admitted, request.is_disconnected)
     return JSONResponse(completion.model_dump())
 
 

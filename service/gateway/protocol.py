@@ -36,6 +36,7 @@ from pydantic import (
 
 from service.config import Settings
 from service.errors import InvalidRequestError, ValidationFailedError
+from service.report import SafetyReport
 from service.search.params import SearchParams, params_from_settings
 
 logger = logging.getLogger(__name__)
@@ -218,24 +219,6 @@ class Usage(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-
-
-class SafetyReport(OpenAIBaseModel):
-    """What the search did; copied from the worker's final event."""
-
-    strategy: str
-    reward: float | None = None  # the chosen answer's reward; None for strategy "none" or nothing finished
-    refused: bool = False  # a clean (non-degenerate) refusal, by service.models.judge.classify
-    refusal_source: Literal["policy", "guard"] | None = None  # guard: blocked (content_filter)
-    degenerate: bool = False  # the search's answer is a loop or word salad (service.models.judge.degeneracy); never "refused"
-    blocked: Literal["degenerate", "low_reward"] | None = None  # why fail-closed replaced the answer (service.guard.fail_closed_reason)
-    reward_calls: int = 0
-    policy_forward_tokens: int = 0
-    trie_reused_tokens: int = 0
-    reward_forward_tokens: int | None = None
-    distinct_trie_nodes: int | None = None
-    flops_estimate: float | None = None
-    reward_models: dict | None = None  # names and training status (warns about untrained models)
 
 
 class AssistantMessage(OpenAIBaseModel):

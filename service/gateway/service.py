@@ -44,13 +44,13 @@ from service.gateway.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
-    SafetyReport,
     Usage,
     sse_data,
 )
 from service.metrics import QUEUE_DEPTH, REQUEST_LATENCY, REQUESTS, TIME_TO_FIRST_TOKEN
 from service.queue.jobs import Job, loads_event
 from service.queue.keys import RESULT_TTL_S, Keys
+from service.report import SafetyReport
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ CANCEL_WRITE_TIMEOUT_S = 2.0  # the cancel flag is written even while the reques
 
 
 @dataclass
-class Call:
-    """One admitted request and its queued job."""
+class Admitted:
+    """One admitted request and its queued job (``search.calls.Call`` is a model call, not this)."""
 
     request: ChatCompletionRequest
     job: Job
@@ -97,7 +97,7 @@ class GatewayService:
                 "invalid or missing API key; send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
-    async def accept(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Call:
+    async def accept(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Admitted:
         """Admit a chat request and enqueue its job.
 
         Args:
@@ -129,7 +129,7 @@ class GatewayService:
             REQUESTS.labels(strategy, str(e.status_code)).inc()
             raise
         logger.info("job %s queued: strategy=%s stream=%s", job.id, strategy, request.stream)
-        return Call(request, job, strategy, started)
+        return Admitted(request, job, strategy, started)
 
     async def _read_body(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> bytes:
         limit = self.settings.max_body_bytes
@@ -181,76 +181,76 @@ class GatewayService:
 
     # --- answers -------------------------------------------------------------------------
 
-    async def complete(self, call: Call, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
+    async def complete(self, admitted: Admitted, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
         """Wait for the job's final event and build the chat completion."""
         try:
-            async for event in self._events(call, is_disconnected):
+            async for event in self._events(admitted, is_disconnected):
                 if event.get("type") == "final":
-                    self._first_token(call)
-                    response = self._completion(call, event)
+                    self._first_token(admitted)
+                    response = self._completion(admitted, event)
         except SaffronError as e:
-            self._answered(call, e.status_code)
+            self._answered(admitted, e.status_code)
             raise
         except Exception:
-            self._answered(call, 500)
+            self._answered(admitted, 500)
             raise
         except asyncio.CancelledError:
-            self._answered(call, ClientDisconnectedError.status_code)
-            await self.cancel(call.job.id)
+            self._answered(admitted, ClientDisconnectedError.status_code)
+            await self.cancel(admitted.job.id)
             raise
-        self._answered(call, 200)
+        self._answered(admitted, 200)
         return response
 
-    async def stream(self, call: Call) -> AsyncIterator[str]:
+    async def stream(self, admitted: Admitted) -> AsyncIterator[str]:
         """SSE frames: the role, committed deltas, the rest with finish_reason, usage if asked, [DONE].
 
         An error after the stream started is an error frame followed by ``[DONE]``.
         """
         status, sent = 200, ""
         try:
-            yield self._chunk(call, DeltaMessage(role="assistant", content="")).sse_data()
-            async for event in self._events(call):
+            yield self._chunk(admitted, DeltaMessage(role="assistant", content="")).sse_data()
+            async for event in self._events(admitted):
                 text = event.get("text") or ""
                 if event.get("type") == "delta":
                     if text:
-                        self._first_token(call)
+                        self._first_token(admitted)
                         sent += text
-                        yield self._chunk(call, DeltaMessage(content=text)).sse_data()
+                        yield self._chunk(admitted, DeltaMessage(content=text)).sse_data()
                     continue
                 # Final: deltas were committed text, so the full answer must extend them.
                 if text.startswith(sent):
                     rest = text[len(sent) :]
                 else:
-                    logger.warning("job %s: final text does not extend the %d streamed characters", call.job.id, len(sent))
+                    logger.warning("job %s: final text does not extend the %d streamed characters", admitted.job.id, len(sent))
                     rest = ""
                 if rest:
-                    self._first_token(call)
-                    yield self._chunk(call, DeltaMessage(content=rest)).sse_data()
-                finish = self._chunk(call, DeltaMessage(), event.get("finish_reason") or "stop")
-                finish.safety = self._safety(call, event)
+                    self._first_token(admitted)
+                    yield self._chunk(admitted, DeltaMessage(content=rest)).sse_data()
+                finish = self._chunk(admitted, DeltaMessage(), event.get("finish_reason") or "stop")
+                finish.safety = self._safety(admitted, event)
                 yield finish.sse_data()
-                opts = call.request.stream_options
+                opts = admitted.request.stream_options
                 if opts is not None and opts.include_usage:
-                    usage = ChatCompletionChunk(id=call.job.id, created=int(call.job.created), model=call.job.model, choices=[])
+                    usage = ChatCompletionChunk(id=admitted.job.id, created=int(admitted.job.created), model=admitted.job.model, choices=[])
                     usage.usage = self._usage(event)
                     yield usage.sse_data()
         except SaffronError as e:
             status = e.status_code
             yield sse_data(e.to_dict())
         except Exception:  # headers are sent: the client can only learn of it in-band
-            logger.exception("job %s: stream failed", call.job.id)
+            logger.exception("job %s: stream failed", admitted.job.id)
             status = 500
             yield sse_data(SaffronError("internal server error", code="internal_error").to_dict())
         except (asyncio.CancelledError, GeneratorExit):
             status = ClientDisconnectedError.status_code
-            await self.cancel(call.job.id)
+            await self.cancel(admitted.job.id)
             raise
         finally:
-            self._answered(call, status)
+            self._answered(admitted, status)
         yield sse_data("[DONE]")
 
     async def _events(
-        self, call: Call, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+        self, admitted: Admitted, is_disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncIterator[dict]:
         """The job's result events, ending with its final one.
 
@@ -259,7 +259,7 @@ class GatewayService:
             GatewayTimeoutError: the job's deadline passed; the cancel flag is set.
             ClientDisconnectedError: ``is_disconnected`` said the client left; the cancel flag is set.
         """
-        job, key, last = call.job, self.keys.result(call.job.id), "0-0"
+        job, key, last = admitted.job, self.keys.result(admitted.job.id), "0-0"
         while True:
             remaining = job.deadline - time.time()
             if remaining <= 0:
@@ -301,23 +301,23 @@ class GatewayService:
 
     # --- building responses --------------------------------------------------------------
 
-    def _completion(self, call: Call, final: dict) -> ChatCompletion:
+    def _completion(self, admitted: Admitted, final: dict) -> ChatCompletion:
         return ChatCompletion(
-            id=call.job.id,
-            created=int(call.job.created),
-            model=call.job.model,
+            id=admitted.job.id,
+            created=int(admitted.job.created),
+            model=admitted.job.model,
             choices=[
                 Choice(message=AssistantMessage(content=final.get("text") or ""), finish_reason=final.get("finish_reason") or "stop")
             ],
             usage=self._usage(final),
-            safety=self._safety(call, final),
+            safety=self._safety(admitted, final),
         )
 
-    def _chunk(self, call: Call, delta: DeltaMessage, finish_reason: str | None = None) -> ChatCompletionChunk:
+    def _chunk(self, admitted: Admitted, delta: DeltaMessage, finish_reason: str | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=call.job.id,
-            created=int(call.job.created),
-            model=call.job.model,
+            id=admitted.job.id,
+            created=int(admitted.job.created),
+            model=admitted.job.model,
             choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
         )
 
@@ -327,8 +327,8 @@ class GatewayService:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     @staticmethod
-    def _safety(call: Call, final: dict) -> SafetyReport:
-        return SafetyReport.model_validate({"strategy": call.strategy, **(final.get("safety") or {})})
+    def _safety(admitted: Admitted, final: dict) -> SafetyReport:
+        return SafetyReport.model_validate({"strategy": admitted.strategy, **(final.get("safety") or {})})
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.settings.served_model_name)])
@@ -351,16 +351,16 @@ class GatewayService:
         except RedisError as e:
             logger.warning("queue depth not sampled: %s", e)
 
-    def _first_token(self, call: Call) -> None:
-        if not call.first_token_seen:
-            call.first_token_seen = True
-            TIME_TO_FIRST_TOKEN.labels(call.strategy).observe(time.monotonic() - call.started)
+    def _first_token(self, admitted: Admitted) -> None:
+        if not admitted.first_token_seen:
+            admitted.first_token_seen = True
+            TIME_TO_FIRST_TOKEN.labels(admitted.strategy).observe(time.monotonic() - admitted.started)
 
-    def _answered(self, call: Call, status: int) -> None:
-        elapsed = time.monotonic() - call.started
-        REQUESTS.labels(call.strategy, str(status)).inc()
-        REQUEST_LATENCY.labels(call.strategy).observe(elapsed)
-        logger.info("job %s answered: status=%d strategy=%s in %.3f s", call.job.id, status, call.strategy, elapsed)
+    def _answered(self, admitted: Admitted, status: int) -> None:
+        elapsed = time.monotonic() - admitted.started
+        REQUESTS.labels(admitted.strategy, str(status)).inc()
+        REQUEST_LATENCY.labels(admitted.strategy).observe(elapsed)
+        logger.info("job %s answered: status=%d strategy=%s in %.3f s", admitted.job.id, status, admitted.strategy, elapsed)
 
     @staticmethod
     @contextmanager

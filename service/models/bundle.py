@@ -19,6 +19,7 @@ from service.engine.malloc import fix_mmap_threshold
 from service.engine.row_adapters import RowAdapters
 from service.engine.trie_cache import TrieCache
 from service.models import judge
+from service.models.kinds import ModelKind
 from service.models.mrm import MRM, load_mrm, load_mrm_on_backbone, mask_unseen, placeholder_mrm
 from service.models.prm import VALUE_HEAD, GuardPRM, ValuePRM, load_value_prm
 from service.models.quantize import quantize_int8, resolve_quantize
@@ -87,6 +88,22 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     quantize: str = "none"  # "int8": Linear layers quantized (service/models/quantize.py)
+
+    def engine(self, kind: ModelKind) -> CachedLM | PlainLM:
+        """The engine that runs calls of ``kind`` (not ``JUDGE``: the judge reads text)."""
+        return {ModelKind.POLICY: self.policy, ModelKind.MRM: self.mrm_engine, ModelKind.PRM: self.prm_engine}[kind]
+
+    def parameters(self, kind: ModelKind) -> int:
+        """Parameters of the model behind ``kind``, for the FLOPs estimate (2 x parameters per forwarded token)."""
+        return {ModelKind.POLICY: self.policy_params, ModelKind.MRM: self.mrm_params, ModelKind.PRM: self.prm_params}[kind]
+
+    def outputs(self, kind: ModelKind, logits: torch.Tensor, unseen_reward: float) -> torch.Tensor:
+        """What a call of ``kind`` returns (``service.models.kinds``) from its engine's last-position logits."""
+        if kind == ModelKind.POLICY:
+            return logits
+        if kind == ModelKind.MRM:
+            return self.mrm_rewards(logits, unseen_reward)
+        return self.prm.scores_from_logits(logits)
 
     @property
     def policy_vocab(self) -> int:

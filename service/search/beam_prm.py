@@ -6,6 +6,7 @@ Every candidate child is scored by a process reward model, one PRM call per chil
 
 from __future__ import annotations
 
+from service.models.kinds import ModelKind
 from service.search import penalties
 from service.search.calls import (
     Beam,
@@ -28,7 +29,7 @@ def beam_prm(ctx: SearchContext) -> Strategy:
         live = [b for b in frontier if not b.finished]
         if not live:
             break
-        (logits,) = yield [Call("policy", [b.ids for b in live])]
+        (logits,) = yield [Call(ModelKind.POLICY, [b.ids for b in live])]
         logits = policy_logits(logits, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)
         # Within each beam's nucleus, the `expand` most probable tokens become children.
@@ -37,7 +38,7 @@ def beam_prm(ctx: SearchContext) -> Strategy:
             row = keep[i : i + 1]
             for _, tok in ranked_candidates(logits[i : i + 1], logits[i : i + 1], row, min(expand, int(row.sum())), p.tie_break):
                 children.append(beam.child(tok, ctx.eos_ids))
-        (scores,) = yield [Call("prm", [c.ids for c in children])]
+        (scores,) = yield [Call(ModelKind.PRM, [c.ids for c in children])]
         for child, score in zip(children, scores.tolist()):
             child.reward = score
         frontier = next_frontier(ctx, frontier, children)

@@ -1,9 +1,10 @@
 """What a search strategy exchanges with the models, and the helpers every strategy shares.
 
 A strategy is a generator. It yields a list of ``Call``s (model calls it needs now, which
-are independent of each other) and receives one result tensor per call, in order:
+are independent of each other) and receives one result tensor per call, in order (what each
+kind returns: ``service.models.kinds``):
 
-    logits, rewards = yield [Call("policy", seqs), Call("mrm", seqs)]
+    logits, rewards = yield [Call(ModelKind.POLICY, seqs), Call(ModelKind.MRM, seqs)]
 
 It never touches a model itself, so a driver can run one search alone or step many searches
 together and batch their calls of the same model into one forward (cross-request batching).
@@ -19,25 +20,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.models.kinds import ModelKind
 from service.search import penalties
 from service.search.params import SearchParams
 from service.search.penalties import History
 
-# Call kinds and what the driver returns for each:
-#   "policy": next-token logits [B, V] (float32)
-#   "mrm":    per-next-token rewards [B, V], unseen tokens already set to params.unseen_reward
-#   "prm":    one process reward per sequence [B]
-#   "judge":  one outcome score per finished sequence [B] (deterministic judge, 1.0 = refusal)
-CALL_KINDS = ("policy", "mrm", "prm", "judge")
-
 
 @dataclass
 class Call:
-    kind: str  # one of CALL_KINDS
+    """One model call of a strategy: what ``kind`` of model (``ModelKind``, which says what comes back) on which rows."""
+
+    kind: ModelKind
     responses: list[list[int]]  # response token ids per row (prefill included)
 
     def __post_init__(self):
-        assert self.kind in CALL_KINDS, f"{self.kind=}"
+        self.kind = ModelKind(self.kind)
         assert self.responses, "a call needs at least one row"
 
 
@@ -73,9 +70,6 @@ class SearchContext:
     eos_ids: frozenset[int]
     generator: torch.Generator = field(default_factory=torch.Generator)  # sampling RNG, seeded by the driver
     frontier: list[list[int]] = field(default_factory=list)  # current candidates' ids, kept up to date by the strategy
-
-    def generated(self, beam_ids: list[int]) -> int:
-        return len(beam_ids) - len(self.prefill_ids)
 
 
 Strategy = Generator[list[Call], list[torch.Tensor], Decision]

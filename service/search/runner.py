@@ -8,6 +8,7 @@ merge their ``inputs`` per model, run one forward, and hand each run its rows vi
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from service.engine.cached_lm import CallStats, PrefixCounter, last_logits_together
 from service.engine.trie_cache import common_prefix_len
 from service.models.bundle import ModelBundle
+from service.models.kinds import ENGINE_KINDS, ModelKind
 from service.search.beam_prm import beam_prm
 from service.search.calls import Call, Decision, SearchContext
 from service.search.params import STRATEGIES
@@ -52,6 +54,16 @@ class RequestLayout:
     prm_prefix: list[int] = field(default_factory=list)
     prm_suffix: list[int] = field(default_factory=list)
 
+    def inputs(self, kind: ModelKind, responses: list[list[int]]) -> list[list[int]]:
+        """Full model input per response for a call of ``kind`` (the judge reads the response alone)."""
+        if kind == ModelKind.POLICY:
+            return [self.policy_prefix + r for r in responses]
+        if kind == ModelKind.MRM:
+            return [self.mrm_prefix + r for r in responses]
+        if kind == ModelKind.PRM:
+            return [self.prm_prefix + r + self.prm_suffix for r in responses]
+        return responses
+
 
 class SearchRun:
     """One request's search: a strategy generator plus its pinned nodes and running stats."""
@@ -72,33 +84,12 @@ class SearchRun:
     def start(self) -> None:
         self.pending = next(self.gen)
 
-    def inputs(self, call: Call) -> list[list[int]]:
-        """Full model input per row of ``call``."""
-        lay = self.layout
-        if call.kind == "policy":
-            return [lay.policy_prefix + r for r in call.responses]
-        if call.kind == "mrm":
-            return [lay.mrm_prefix + r for r in call.responses]
-        if call.kind == "prm":
-            return [lay.prm_prefix + r + lay.prm_suffix for r in call.responses]
-        return call.responses
-
-    def engine(self, kind: str):
-        m = self.models
-        engine = {"policy": m.policy, "mrm": m.mrm_engine, "prm": m.prm_engine}[kind]
-        assert engine is not None, f"strategy {self.ctx.params.strategy!r} needs a {kind} model, none loaded"
-        return engine
-
     def accept(self, call: Call, seqs: list[list[int]], logits: torch.Tensor, nodes: list, cs: CallStats) -> torch.Tensor:
         """Take this run's rows of a (possibly merged) model call: pin them, count them, post-process."""
         previous, self._pinned[call.kind] = self._pinned.get(call.kind, []), nodes
-        self.engine(call.kind).unpin(previous)
+        self.models.engine(call.kind).unpin(previous)
         self._count(call.kind, seqs, cs)
-        if call.kind == "policy":
-            return logits
-        if call.kind == "mrm":
-            return self.models.mrm_rewards(logits, self.ctx.params.unseen_reward)
-        return self.models.prm.scores_from_logits(logits)
+        return self.models.outputs(call.kind, logits, self.ctx.params.unseen_reward)
 
     def judge(self, call: Call) -> torch.Tensor:
         self.stats.reward_calls += len(call.responses)
@@ -134,25 +125,24 @@ class SearchRun:
     def close(self) -> None:
         """Release every pinned trie node (idempotent) and stop the clock."""
         for kind, nodes in self._pinned.items():
-            self.engine(kind).unpin(nodes)
+            self.models.engine(kind).unpin(nodes)
         self._pinned = {}
         self.gen.close()
         self.stats.distinct_trie_nodes = self._prefixes.count
         self.stats.wall_s = time.perf_counter() - self._t0
 
-    def _count(self, kind: str, seqs: list[list[int]], cs: CallStats) -> None:
-        s, m = self.stats, self.models
+    def _count(self, kind: ModelKind, seqs: list[list[int]], cs: CallStats) -> None:
+        s = self.stats
         s.trie_reused_tokens += cs.reused_tokens
-        if kind == "policy":
+        s.flops_estimate += 2.0 * self.models.parameters(kind) * cs.forwarded_tokens
+        if kind == ModelKind.POLICY:
             s.policy_forward_tokens += cs.forwarded_tokens
             s.policy_calls += cs.queries
-            s.flops_estimate += 2.0 * m.policy_params * cs.forwarded_tokens
             for seq in seqs:
                 self._prefixes.add(seq)
         else:
             s.reward_forward_tokens += cs.forwarded_tokens
             s.reward_calls += cs.queries
-            s.flops_estimate += 2.0 * (m.mrm_params if kind == "mrm" else m.prm_params) * cs.forwarded_tokens
 
 
 def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
@@ -163,10 +153,10 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
     """
     results: dict[int, list[torch.Tensor | None]] = {id(r): [None] * len(r.pending or []) for r in runs}
     batches = []  # per model kind: (engine, rows, the rows' merged sequences)
-    for kind in ("policy", "mrm", "prm"):
-        rows = [(r, i, call, r.inputs(call)) for r in runs for i, call in enumerate(r.pending or []) if call.kind == kind]
+    for kind in ENGINE_KINDS:
+        rows = [(r, i, call, r.layout.inputs(kind, call.responses)) for r in runs for i, call in enumerate(r.pending or []) if call.kind == kind]
         if rows:
-            batches.append((rows[0][0].engine(kind), rows, [seq for _, _, _, inputs in rows for seq in inputs]))
+            batches.append((rows[0][0].models.engine(kind), rows, [seq for _, _, _, inputs in rows for seq in inputs]))
     # Cached engines on one backbone (the policy and its MRM adapter) share their forwards.
     together = iter(last_logits_together([(engine, seqs) for engine, _, seqs in batches if engine.cached], pin=True))
     outputs = {id(b): next(together) for b in batches if b[0].cached}
@@ -186,10 +176,67 @@ def step_runs(runs: list[SearchRun]) -> list[SearchRun]:
         raise
     for run in runs:
         for i, call in enumerate(run.pending or []):
-            if call.kind == "judge":
+            if call.kind == ModelKind.JUDGE:
                 results[id(run)][i] = run.judge(call)
     return [run for run in runs if run.feed(results[id(run)])]  # type: ignore[arg-type]
 
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
     return seqs[0][: min(common_prefix_len(seqs[0], seq) for seq in seqs)]
+
+
+class Batch:
+    """Searches stepped together (continuous batching): add runs, step them all at once, drop one, close.
+
+    ``Guard.generate_many`` and the worker both schedule with it. Keys are the caller's (an index,
+    a job's stream entry id); a finished run leaves the batch closed, its pins released.
+    """
+
+    def __init__(self) -> None:
+        self.runs: dict[Hashable, SearchRun] = {}
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def add(self, key: Hashable, run: SearchRun) -> None:
+        """Start ``run`` (its strategy's first calls); from the next ``step`` on it runs with the others."""
+        assert key not in self.runs, f"{key!r} is already in the batch"
+        try:
+            run.start()
+        except BaseException:
+            run.close()
+            raise
+        self.runs[key] = run
+
+    def drop(self, key: Hashable) -> SearchRun:
+        """Stop one run before it finishes (cancelled, timed out, taken over): its pins are released."""
+        run = self.runs.pop(key)
+        run.close()
+        return run
+
+    def step(self) -> list[tuple[Hashable, SearchRun]]:
+        """One round of every run (``step_runs``); returns the finished ones, closed and out of the batch, in the order added.
+
+        If a model call raises, the runs stay in the batch: the caller drops or closes them.
+        """
+        finished = {id(r) for r in step_runs(list(self.runs.values()))}
+        done = [(key, run) for key, run in self.runs.items() if id(run) in finished]
+        for key, run in done:
+            del self.runs[key]
+            run.close()
+        return done
+
+    def pending_rows(self) -> dict[ModelKind, int]:
+        """Rows the next ``step`` sends to each engine, merged over the runs (the batch-size metric)."""
+        rows = {kind: 0 for kind in ENGINE_KINDS}
+        for run in self.runs.values():
+            for call in run.pending or []:
+                if call.kind in rows:
+                    rows[call.kind] += len(call.responses)
+        return rows
+
+    def close(self) -> None:
+        """Close every run still in the batch (idempotent)."""
+        for run in self.runs.values():
+            run.close()
+        self.runs.clear()

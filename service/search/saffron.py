@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from service.models.kinds import ModelKind
 from service.search import penalties
 from service.search.calls import (
     Beam,
@@ -29,7 +30,7 @@ def saffron(ctx: SearchContext) -> Strategy:
         live = [b for b in frontier if not b.finished]
         if not live:
             break
-        logits, rewards = yield [Call("policy", [b.ids for b in live]), Call("mrm", [b.ids for b in live])]
+        logits, rewards = yield [Call(ModelKind.POLICY, [b.ids for b in live]), Call(ModelKind.MRM, [b.ids for b in live])]
         logits = policy_logits(logits, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)  # [L, V]
         if p.mrm_weight != 1.0:  # the policy's likelihood counts too (SearchParams.mrm_weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.models.kinds import ModelKind
 from service.search import penalties
 from service.search.calls import (
     Call,
@@ -24,7 +25,7 @@ def _sample(ctx: SearchContext, n: int):
         live = [i for i in range(n) if not done[i]]
         if not live:
             break
-        (logits,) = yield [Call("policy", [seqs[i] for i in live])]
+        (logits,) = yield [Call(ModelKind.POLICY, [seqs[i] for i in live])]
         logits = policy_logits(logits, ctx, step, [histories[i] for i in live])
         for i, tok in zip(live, sample_tokens(logits, temperature, ctx.generator).tolist()):
             seqs[i].append(tok)
@@ -43,7 +44,7 @@ def unguarded(ctx: SearchContext) -> Strategy:
 def best_of_n(ctx: SearchContext) -> Strategy:
     """N independent samples, each scored once by the outcome judge; the best is kept (first on ties)."""
     seqs, done = yield from _sample(ctx, ctx.params.budget)
-    (scores,) = yield [Call("judge", seqs)]
+    (scores,) = yield [Call(ModelKind.JUDGE, seqs)]
     rewards = scores.tolist()
     best = best_index(rewards)
     return Decision(seqs[best], rewards[best], done[best], candidates=len(seqs))

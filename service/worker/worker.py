@@ -26,11 +26,9 @@ from service import metrics
 from service.config import Settings
 from service.errors import SaffronError
 from service.guard import Guard
-from service.models.judge import classify
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys
-from service.search.params import SearchParams
-from service.search.runner import SearchRun, step_runs
+from service.search.runner import Batch, SearchRun
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +41,9 @@ class Active:
 
     entry_id: str  # id of the job's entry in the jobs stream
     job: Job
-    run: SearchRun
+    run: SearchRun  # in the worker's Batch under entry_id until it finishes or is dropped
     started: float = field(default_factory=time.time)
-    streamed_ids: int = 0  # committed response ids already sent as text
-    streamed_text: str = ""
+    streamed_text: str = ""  # committed answer text already sent as deltas
 
 
 class Worker:
@@ -57,6 +54,7 @@ class Worker:
         self.keys = Keys(settings.redis_prefix)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.active: list[Active] = []
+        self.batch = Batch()  # the active jobs' searches, keyed by stream entry id
         self.stopping = False
         self._last_heartbeat = 0.0
         self._last_claim = 0.0
@@ -127,7 +125,7 @@ class Worker:
         owned = {entry["message_id"] for entry in pending}
         for a in [a for a in self.active if a.entry_id not in owned]:
             logger.warning("job %s was taken over by another worker; dropping our copy", a.job.id)
-            a.run.close()
+            self.batch.drop(a.entry_id)
             self.active.remove(a)
             metrics.WORKER_JOBS.labels("lost").inc()
         metrics.WORKER_BUSY.set(len(self.active))
@@ -177,11 +175,10 @@ class Worker:
         if job.deadline and time.time() > job.deadline:
             self.fail(entry_id, job, error_event(504, "the request timed out in the queue", type_="timeout", code="timeout"), "timeout")
             return
-        s = self.settings
         try:
-            params = SearchParams(**job.params).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+            params = self.guard.job_params(job.params)
             run = self.guard.prepare(job.messages, params)
-            run.start()
+            self.batch.add(entry_id, run)
         except SaffronError as e:
             self.fail(entry_id, job, error_event(e.status_code, e.message, type_=e.error_type, param=e.param, code=e.code), "error")
             return
@@ -204,21 +201,20 @@ class Worker:
     # ------------------------------------------------------------------ running
     def step(self) -> None:
         """One round of every active search, batched across them."""
-        for kind in ("policy", "mrm", "prm"):
-            rows = sum(len(c.responses) for a in self.active for c in a.run.pending or [] if c.kind == kind)
+        for kind, rows in self.batch.pending_rows().items():
             if rows:
                 metrics.BATCH_ROWS.labels(kind).observe(rows)
         try:
-            finished = step_runs([a.run for a in self.active])
+            finished = self.batch.step()
         except Exception:  # a model error fails the batch, not the worker
             logger.exception("search step failed for %d job(s)", len(self.active))
             for a in list(self.active):
                 self.fail(a.entry_id, a.job, error_event(500, "internal error while searching", code="search_failed"), "error", a)
             return
         self.export_cache_metrics()
-        done = {id(r) for r in finished}
+        done = {key for key, _ in finished}
         for a in list(self.active):
-            if id(a.run) in done:
+            if a.entry_id in done:
                 try:
                     self.finish(a)
                 except Exception:
@@ -230,56 +226,28 @@ class Worker:
 
     def stream_committed(self, a: Active) -> None:
         """Send text that every search node agrees on; it cannot change any more."""
-        eos = self.guard.models.eos_ids
-        ids = [t for t in a.run.committed[len(a.run.ctx.prefill_ids) :] if t not in eos]
-        if len(ids) <= a.streamed_ids:
-            return
-        text = self.guard.models.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.guard.committed_text(a.run)
         if text.endswith("\ufffd"):
             return  # a multi-byte character is still incomplete
         # Decoding more tokens can re-space earlier text; send only clean extensions, the final event has the rest.
         if text.startswith(a.streamed_text) and len(text) > len(a.streamed_text):
             self.publish(a.job.id, delta_event(text[len(a.streamed_text) :]))
-            a.streamed_text, a.streamed_ids = text, len(ids)
+            a.streamed_text = text
 
     def finish(self, a: Active) -> None:
-        a.run.close()
-        result = self.guard.result(a.run)
-        params = a.run.ctx.params
-        text, finish_reason = result.text, result.finish_reason
-        if result.blocked:  # the search's own answer stays counted as degenerate when that is why it was blocked
-            refused, source, degenerate = True, "guard", result.blocked == "degenerate"
-        else:
-            # The benchmark's judge: a loop is degenerate, never a refusal (service.models.judge.classify).
-            judgement = classify(result.prefill + result.text, harmful=True)
-            refused, degenerate, source = judgement.verdict == "clean_refusal", judgement.degenerate, "policy"
-        if refused:
-            metrics.REFUSALS.labels(params.strategy, source).inc()
-        if degenerate:
-            metrics.DEGENERATE_ANSWERS.labels(params.strategy).inc()
-        stats = result.stats
-        safety = {
-            "strategy": params.strategy,
-            "reward": result.reward if result.reward is None or result.reward > -1e300 else None,
-            "refused": refused,
-            "refusal_source": source if refused else None,
-            "degenerate": degenerate,
-            "blocked": result.blocked,
-            "reward_calls": stats["reward_calls"],
-            "policy_forward_tokens": stats["policy_forward_tokens"],
-            "reward_forward_tokens": stats["reward_forward_tokens"],
-            "trie_reused_tokens": stats["trie_reused_tokens"],
-            "distinct_trie_nodes": stats["distinct_trie_nodes"],
-            "flops_estimate": stats["flops_estimate"],
-            "reward_models": result.reward_models,
-        }
+        result = self.guard.result(a.run)  # the batch has closed the run
+        strategy, safety = result.strategy, result.safety
+        if safety.refused:
+            metrics.REFUSALS.labels(strategy, safety.refusal_source).inc()
+        if safety.degenerate:
+            metrics.DEGENERATE_ANSWERS.labels(strategy).inc()
         event = final_event(
             {
-                "text": text,
-                "finish_reason": finish_reason,
-                "prompt_tokens": len(a.run.layout.policy_prefix) + len(a.run.ctx.prefill_ids),
-                "completion_tokens": len(result.token_ids),
-                "safety": safety,
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "safety": safety.model_dump(),
                 "worker": self.id,
                 "queue_wait_s": a.started - a.job.created,
                 "run_s": time.time() - a.started,
@@ -287,13 +255,13 @@ class Worker:
         )
         if self.claim_answer(a.job.id):
             self.publish(a.job.id, event)
-        metrics.SEARCH_SECONDS.labels(params.strategy).observe(time.time() - a.started)
-        metrics.GENERATED_TOKENS.labels(params.strategy).inc(len(result.token_ids))
-        metrics.REWARD_MODEL_CALLS.labels(params.strategy).inc(stats["reward_calls"])
+        metrics.SEARCH_SECONDS.labels(strategy).observe(time.time() - a.started)
+        metrics.GENERATED_TOKENS.labels(strategy).inc(result.completion_tokens)
+        metrics.REWARD_MODEL_CALLS.labels(strategy).inc(safety.reward_calls)
         self.retire(a, "ok")
         logger.info(
             "job %s done: %s tokens, reward=%s, refused=%s (%s), %.2fs",
-            a.job.id, len(result.token_ids), safety["reward"], refused, source, time.time() - a.started,
+            a.job.id, result.completion_tokens, safety.reward, safety.refused, safety.refusal_source, time.time() - a.started,
         )
 
     def check_cancel_and_deadlines(self) -> None:
@@ -304,7 +272,7 @@ class Worker:
         for a, flag in zip(list(self.active), cancelled):
             if flag is not None:
                 logger.info("job %s cancelled by the client", a.job.id)
-                a.run.close()
+                self.batch.drop(a.entry_id)
                 self.retire(a, "cancelled")
             elif a.job.deadline and now > a.job.deadline:
                 self.fail(a.entry_id, a.job, error_event(504, "the search ran past the request deadline", type_="timeout", code="timeout"), "timeout", a)
@@ -312,7 +280,7 @@ class Worker:
     def hand_back_all(self) -> None:
         """Shutdown grace is over: requeue unfinished jobs (same id, so clients keep waiting) and ack ours."""
         for a in list(self.active):
-            a.run.close()
+            self.batch.drop(a.entry_id)
             self.redis.xadd(self.keys.jobs, {"job": a.job.dumps()})
             self.retire(a, "handed_back")
             logger.warning("job %s handed back to the queue", a.job.id)
@@ -333,7 +301,8 @@ class Worker:
         if self.claim_answer(job.id):
             self.publish(job.id, event)
         if active is not None:
-            active.run.close()
+            if active.entry_id in self.batch.runs:
+                self.batch.drop(active.entry_id)
             self.retire(active, outcome)
         else:
             self.ack(entry_id)
@@ -353,16 +322,10 @@ class Worker:
         pipe.execute()
 
     def export_cache_metrics(self) -> None:
-        m = self.guard.models
-        for name, engine in (("policy", m.policy), ("mrm", m.mrm_engine), ("prm", m.prm_engine)):
-            t = engine.total
-            evicted = engine.cache.counters.evicted_tokens if engine.cached else 0
-            query = t.forwarded_tokens - t.recomputed_tokens + t.reused_tokens
-            now = (query, t.forwarded_tokens, t.reused_tokens, evicted)
-            last = self._seen_totals.get(name, (0, 0, 0, 0))
-            for counter, new, old in zip(
-                (metrics.TRIE_QUERY_TOKENS, metrics.TRIE_FORWARDED_TOKENS, metrics.TRIE_REUSED_TOKENS, metrics.TRIE_EVICTED_TOKENS), now, last
-            ):
+        counters = (metrics.TRIE_QUERY_TOKENS, metrics.TRIE_FORWARDED_TOKENS, metrics.TRIE_REUSED_TOKENS, metrics.TRIE_EVICTED_TOKENS)
+        for kind, now in self.guard.engine_totals().items():
+            last = self._seen_totals.get(kind, (0, 0, 0, 0))
+            for counter, new, old in zip(counters, now, last):
                 if new > old:
-                    counter.labels(name).inc(new - old)
-            self._seen_totals[name] = now
+                    counter.labels(kind).inc(new - old)
+            self._seen_totals[kind] = now
