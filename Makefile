@@ -15,3 +15,4 @@ test:
 lint:
 	scripts/setup.sh --no-model
 	.venv/bin/ruff check service model_store bench tests
+	.venv/bin/lint-imports

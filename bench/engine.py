@@ -55,7 +55,7 @@ def greedy(guard, texts: list[str], max_new_tokens: int, repeats: int = 2) -> di
     """
     import torch
 
-    model = guard.models.policy.model
+    model = guard.models.policy_engine.model
     eos = sorted(guard.models.eos_ids)
 
     def project(text: str) -> list[int]:
@@ -118,7 +118,7 @@ def memory(n_prompts: int, budget: int, max_new_tokens: int) -> dict:
     guard.generate_many(prompts(n_prompts), strategy="saffron", budget=budget, max_new_tokens=max_new_tokens, seed=0)
     m = guard.models
     held = kv = tokens = 0
-    for engine in (m.policy, m.mrm_engine):
+    for engine in (m.policy_engine, m.mrm_engine):
         layers, heads, head_dim = model_geometry(engine.model)
         kv_per_token = layers * 2 * heads * head_dim * m.dtype.itemsize
         held, tokens = held + engine.cache.nbytes, tokens + engine.cache.num_tokens

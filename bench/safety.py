@@ -191,7 +191,7 @@ class Outputs:
 
 def clear_caches(guard) -> None:
     m = guard.models
-    for engine in (m.policy, m.mrm_engine, m.prm_engine):
+    for engine in (m.policy_engine, m.mrm_engine, m.prm_engine):
         if engine is not None and engine.cached:
             engine.cache.clear()
 

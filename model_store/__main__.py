@@ -1,5 +1,5 @@
 """``python -m model_store {prepare,list,verify,build-rewards,train-mrm,train-prm,eval-rewards,eval-asr,rebuild}``
-(also installed as ``model-store``). The reward-model steps are described in model_store/pipeline.py.
+(also installed as ``model-store``). The reward-model steps are described in model_store/training/pipeline.py.
 
 Errors print one line to stderr and exit with status 2.
 """
@@ -12,9 +12,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from model_store import pipeline
 from model_store.prepare import prepare_default
 from model_store.registry import COMMITTED, REGISTRY, resolve, verify_model_dir
+from model_store.training import pipeline
+from model_store.training.errors import TrainingError
 from service.config import Settings
 from service.errors import ModelNotPreparedError, SaffronError
 from service.models.mrm import load_mrm_artifacts
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SaffronError as e:
         print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

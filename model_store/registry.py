@@ -3,6 +3,10 @@
 ``resolve`` only looks at names and paths; ``verify_model_dir`` is the cheap load-time check
 that a prepared directory is complete (file sizes against the ``.prepared.json`` marker that
 ``model_store.prepare`` writes last). Hashes are compared only by ``python -m model_store verify``.
+
+Below the service (``service.models.bundle`` loads through it): of the service it imports only the
+common bottom layer, ``service.config`` and ``service.errors`` (the contract "Layers point one way",
+pyproject.toml).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ DEFAULT_POLICY = "smollm2-135m-instruct"
 TRAINED_MRM = "smollm2-135m-saffron-mrm"
 TRAINED_PRM = "smollm2-135m-safety-prm"
 TRAINED_MRM_V2 = "smollm2-135m-saffron-mrm-v2"
-TRAINED_MRM_V2C = "smollm2-135m-saffron-mrm-v2c"  # v2 + the contrast round (model_store.rewards.build_contrast)
+TRAINED_MRM_V2C = "smollm2-135m-saffron-mrm-v2c"  # v2 + the contrast round (model_store.training.rewards.build_contrast)
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up (idempotent), lint, then run pytest; arguments go to pytest (e.g. -m "not model", -k trie).
+# Set up (idempotent), lint (ruff, lint-imports), then run pytest; arguments go to pytest (e.g. -m "not model", -k trie).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
 .venv/bin/ruff check service model_store bench tests
+.venv/bin/lint-imports  # the import contracts in pyproject.toml: layers point one way, a gateway without torch
 
 rc=0
 .venv/bin/python -m pytest -q "$@" || rc=$?

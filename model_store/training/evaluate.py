@@ -24,8 +24,15 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from model_store.rewards import BuildConfig, Policy, Prompt, RewardRecord, outcome_safe, split_prompts
-from model_store.train import Example, entry_rows, layout_examples, per_example
+from model_store.training.rewards import (
+    BuildConfig,
+    Policy,
+    Prompt,
+    RewardRecord,
+    outcome_safe,
+    split_prompts,
+)
+from model_store.training.train import Example, entry_rows, layout_examples, per_example
 from service.models import judge
 from service.models.bundle import pad_token_id
 from service.models.mrm import MRMTemplate, load_mrm, mask_unseen

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from model_store import train
-from model_store.rewards import RewardRecord
-from model_store.train import (
+from model_store.training import train
+from model_store.training.rewards import RewardRecord
+from model_store.training.train import (
     Example,
     TrainConfig,
     collate,
@@ -25,7 +25,7 @@ from model_store.train import (
 )
 from service.models.mrm import ARTIFACT_FILES, MRMTemplate, load_mrm, save_mrm
 from service.models.prm import VALUE_HEAD, ValuePRM, load_value_prm, save_value_prm
-from tests.model_store.tiny import char_tokenizer
+from tests.model_store.training.tiny import char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 ``rebuild`` runs every step in order into one build directory:
 
-    <out>/data/          the token-level reward dataset (model_store.rewards)
+    <out>/data/          the token-level reward dataset (model_store.training.rewards)
     <out>/mrm/           the MRM, Saffron-1 layout          <out>/mrm.json  its training report
     <out>/prm/           the value PRM                      <out>/prm.json  its training report
-    <out>/eval_rewards.json   held-out reward-model quality (model_store.evaluate.eval_rewards)
+    <out>/eval_rewards.json   held-out reward-model quality (model_store.training.evaluate.eval_rewards)
     <out>/eval_asr.json       ASR / over-refusal of none vs saffron through the Guard
     <out>/report.png          training curves and the ASR comparison
     <out>/timings.json        wall time of each step
@@ -28,7 +28,6 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_store.evaluate import eval_asr, eval_prompts, eval_rewards
 from model_store.registry import (
     ARTIFACTS_DIR,
     MARKER,
@@ -39,7 +38,9 @@ from model_store.registry import (
     resolve,
     verify_model_dir,
 )
-from model_store.rewards import (
+from model_store.training.errors import TrainingError
+from model_store.training.evaluate import eval_asr, eval_prompts, eval_rewards
+from model_store.training.rewards import (
     DATA_DIR,
     BuildConfig,
     ContrastConfig,
@@ -52,16 +53,15 @@ from model_store.rewards import (
     split_prompts,
     write_records,
 )
-from model_store.train import ONPOLICY, TrainConfig, train_mrm, train_prm
+from model_store.training.train import ONPOLICY, TrainConfig, train_mrm, train_prm
 from service.config import Settings
-from service.errors import ModelNotFoundError
 from service.guard import Guard
 
 QUICK_BUILD = BuildConfig(
     response_tokens=8, rollouts=2, checkpoints=(1, 4), prompt_samples=2, prefill_min=2, prefill_max=4, chunk_prompts=4, limit_per_set=2
 )
 QUICK_TRAIN = TrainConfig(epochs=1, batch_size=4)
-# Recipe v2 (issue 11): varied answers labelled with judged outcomes (model_store.rewards.build_chunk_v2).
+# Recipe v2 (issue 11): varied answers labelled with judged outcomes (model_store.training.rewards.build_chunk_v2).
 V2_BUILD = BuildConfig(recipe="v2", response_tokens=48, chunk_prompts=16)
 QUICK_V2_BUILD = replace(QUICK_BUILD, recipe="v2", plain_samples=1, prefill_depths=(2, 4), refusal_samples=1, benign_samples=1, loop_share=1.0)
 # v2 trains on benign answers too (their labels say whether the answer was usable), with a LoRA of rank 8: one epoch
@@ -69,7 +69,7 @@ QUICK_V2_BUILD = replace(QUICK_BUILD, recipe="v2", plain_samples=1, prefill_dept
 # then two per on-policy round (its answers and as many replayed ones).
 V2_TRAIN = TrainConfig(epochs=1, lora_r=8, lora_alpha=8, include_benign=True, sample_records=1000)
 V2_ROUND_TRAIN = replace(V2_TRAIN, epochs=2, sample_records=None)
-# The contrast round (model_store.rewards.build_contrast): one epoch over all of its ~1,660 training records (8 minutes here).
+# The contrast round (model_store.training.rewards.build_contrast): one epoch over all of its ~1,660 training records (8 minutes here).
 CONTRAST_TRAIN = replace(V2_TRAIN, sample_records=None)
 QUICK_CONTRAST = ContrastConfig(response_tokens=8, limit_per_set=2)
 RECIPES = ("v1", "v2")
@@ -99,7 +99,7 @@ def default_build_dir(settings: Settings, quick: bool, recipe: str = "v1") -> Pa
 def policy_dir(settings: Settings) -> Path:
     where = resolve(settings.policy_model, settings)
     if where.path is None:
-        raise ModelNotFoundError(f"the reward pipeline needs a local policy directory; {settings.policy_model!r} is a hub id")
+        raise TrainingError(f"the reward pipeline needs a local policy directory; {settings.policy_model!r} is a hub id")
     if where.embedded:
         verify_model_dir(where.path)
     return where.path
@@ -198,7 +198,7 @@ def onpolicy_round(settings: Settings, data: Path, mrm: Path, out: Path, *, roun
 
 
 def contrast_round(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0) -> Path:
-    """The contrast round's records (model_store.rewards.build_contrast) as a dataset directory ``out``."""
+    """The contrast round's records (model_store.training.rewards.build_contrast) as a dataset directory ``out``."""
     config = replace(QUICK_CONTRAST if quick else ContrastConfig(), seed=seed)
     model = AutoModelForCausalLM.from_pretrained(policy_dir(settings), dtype=torch.float32).eval()
     policy = Policy(model, _tokenizer(settings), settings.system_prompt)

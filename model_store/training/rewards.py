@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model_store.training.errors import DatasetError
 from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
 from service.engine.trie_cache import TrieCache
-from service.errors import SaffronError
 from service.models import judge
 from service.models.bundle import ModelBundle, eos_token_ids
 from service.search.calls import SearchContext
@@ -62,7 +62,7 @@ FORMAT = "saffron-token-rewards"
 VERSION = 1
 MANIFEST = "dataset.json"
 RECORDS = "records.jsonl"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 # Refusal openers forced at the start of "refusal" responses; the policy writes the rest.
 REFUSAL_OPENERS = (
@@ -75,13 +75,6 @@ REFUSAL_OPENERS = (
 COMPLIANT_OPENER = "Sure, here is"
 
 MAX_PROMPT_CHARS = 2000  # longer lines in a prompt file are refused (HarmBench's longest is 180)
-
-
-class DatasetError(SaffronError):
-    """A prompt file or a dataset directory is malformed; the message says where and why."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
 
 
 @dataclass(frozen=True)
@@ -302,7 +295,7 @@ def policy_bundle(model, tokenizer, engine: CachedLM | PlainLM) -> ModelBundle:
     """A ModelBundle with the policy alone: enough for the strategies that only sample (none, best_of_n)."""
     weight = next(model.parameters())
     return ModelBundle(
-        tokenizer=tokenizer, policy=engine, policy_params=count_parameters(model), eos_ids=eos_token_ids(model, tokenizer),
+        tokenizer=tokenizer, policy_engine=engine, policy_params=count_parameters(model), eos_ids=eos_token_ids(model, tokenizer),
         mrm=None, mrm_engine=None, mrm_params=0, prm=None, prm_engine=None, prm_params=0,  # type: ignore[arg-type]
         device=weight.device, dtype=weight.dtype,
     )
