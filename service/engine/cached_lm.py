@@ -341,31 +341,10 @@ def last_logits_together(
     """
     queries = [_Query(engine, seqs) for engine, seqs in requests]
     try:
-        while True:
-            wave = [(q, plan) for q in queries for plan in q.plan_wave()]
-            if not wave:
-                break
-            by_model: dict[int, list[tuple[_Query, Plan]]] = {}
-            for item in wave:
-                by_model.setdefault(id(item[0].engine.model), []).append(item)
-            outputs = []
-            for items in by_model.values():
-                engine = items[0][0].engine
-                assert all(q.engine.adapters is engine.adapters for q, _ in items), "engines on one model must share its row adapters"
-                for group in _length_groups(items, lambda item: len(item[1][2])):
-                    kv_rows, logits = forward_batch(
-                        engine.model,
-                        [[(seg.value, len(seg.key)) for seg in q.cache.path(plan[0])] for q, plan in group],
-                        [plan[1] for _, plan in group],
-                        [plan[2] for _, plan in group],
-                        adapters=engine.adapters,
-                        row_adapters=[q.engine.adapter for q, _ in group],
-                    )
-                    for q in {id(q): q for q, _ in group}.values():
-                        q.stats.forward_calls += 1
-                    outputs += zip(group, kv_rows, logits)
-            for (q, plan), kv, lg in outputs:
-                q.take(plan, kv, lg)
+        # plan (match the trie, one forward per distinct missing prefix), forward, insert; until all are answered
+        while wave := [(q, plan) for q in queries for plan in q.plan_wave()]:
+            for (q, plan), kv, logits in _forward_wave(wave):
+                q.take(plan, kv, logits)
         if pin:
             for q in queries:
                 q.engine.pin(q.nodes)  # type: ignore[arg-type]
@@ -373,6 +352,34 @@ def last_logits_together(
         for q in queries:
             q.release()
     return [q.result() for q in queries]
+
+
+def _forward_wave(wave: list[tuple[_Query, Plan]]) -> list[tuple[tuple[_Query, Plan], torch.Tensor, torch.Tensor]]:
+    """Forward one wave's plans: rows of engines on one model share a forward (its weights read once),
+    split by suffix length so that one long prefill does not pad a batch of one-token decode rows.
+
+    Returns ``((query, plan), kv [L, 2, H, S, D], logits [V])`` per plan, grouped by forward.
+    """
+    by_model: dict[int, list[tuple[_Query, Plan]]] = {}
+    for item in wave:
+        by_model.setdefault(id(item[0].engine.model), []).append(item)
+    outputs = []
+    for items in by_model.values():
+        engine = items[0][0].engine
+        assert all(q.engine.adapters is engine.adapters for q, _ in items), "engines on one model must share its row adapters"
+        for group in _length_groups(items, lambda item: len(item[1][2])):
+            kv_rows, logits = forward_batch(
+                engine.model,
+                [[(seg.value, len(seg.key)) for seg in q.cache.path(plan[0])] for q, plan in group],
+                [plan[1] for _, plan in group],
+                [plan[2] for _, plan in group],
+                adapters=engine.adapters,
+                row_adapters=[q.engine.adapter for q, _ in group],
+            )
+            for q in {id(q): q for q, _ in group}.values():
+                q.stats.forward_calls += 1
+            outputs += zip(group, kv_rows, logits)
+    return outputs
 
 
 def _trim_to_branch(plan: Plan, members: list[list[int]]) -> Plan:

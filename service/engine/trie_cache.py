@@ -5,6 +5,14 @@ The SGLang radix cache is the model: a small ``TreeNode``, public ``match_prefix
 eviction of unpinned leaves under a byte budget. Nodes used by a live search are pinned
 with ``inc_lock_ref`` (which pins the whole path to the root) and released in ``finally``.
 
+Eviction never walks the tree: the set of evictable leaves (unpinned, childless) is kept up to
+date as nodes are inserted, pinned, unpinned and evicted, and a heap orders them by last access.
+A leaf enters the heap at the first eviction that finds it evictable, so the nodes a search
+inserts and extends within one call never do. Touching a node does not move its heap entry:
+``evict`` finds the stale entry when it pops it and pushes it again at the node's new time. A
+call costs O(log n) per leaf it evicts, queues or refreshes instead of O(n) for the whole tree
+(bench/trie_evict.py).
+
 Values are stored per node as one tensor ``kv[n_layers, 2, n_kv_heads, n_tokens, head_dim]``
 so a node split or a batch gather is one slice per node, whatever the number of layers.
 
@@ -53,9 +61,6 @@ class TreeNode:
             n += self.logits.numel() * self.logits.element_size()
         return n
 
-    def __lt__(self, other: TreeNode) -> bool:  # heap order: least recently used first
-        return self.last_access_time < other.last_access_time
-
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, start={self.start}, len={len(self.key)}, lock_ref={self.lock_ref})"
 
@@ -82,7 +87,12 @@ class TrieCache:
         self.counters = CacheCounters()
         self._bytes = 0
         self._tokens = 0
-        self._nodes = 0
+        self._evictable: set[TreeNode] = set()  # unpinned leaves: exactly what evict may remove
+        self._pending: set[TreeNode] = set()  # evictable leaves without a heap entry yet; evict queues them
+        # (last_access_time when pushed, id, node), at most one entry per node; an entry goes stale when its
+        # node is touched, pinned or gets a child, and evict skips or refreshes it when it pops it.
+        self._heap: list[tuple[float, int, TreeNode]] = []
+        self._queued: set[TreeNode] = set()  # nodes with an entry in _heap
 
     # ------------------------------------------------------------------ lookup
     def match_prefix(self, tokens: list[int] | tuple[int, ...]) -> tuple[TreeNode, int]:
@@ -128,6 +138,8 @@ class TrieCache:
         node.value, node.logits = value, logits
         parent.children[key[0]] = node
         self._account(node, +1)
+        self._update_evictable(node)
+        self._update_evictable(parent)
         # A node with children is no longer a frontier: its logits were read when it was expanded,
         # and a rare later query recomputes them from the cached KV (CachedLM counts that).
         self.drop_logits(parent)
@@ -163,20 +175,23 @@ class TrieCache:
         child.start += k
         child.parent = upper
         self._bytes += upper.nbytes() + child.nbytes() - old_bytes
-        self._nodes += 1
-        self.counters.splits += 1
+        self.counters.splits += 1  # no leaf changes: upper has a child, and child keeps its children and pins
         return upper
 
     # ------------------------------------------------------------------ pinning
     def inc_lock_ref(self, node: TreeNode) -> None:
         while node is not None:
             node.lock_ref += 1
+            if node.lock_ref == 1:
+                self._update_evictable(node)
             node = node.parent  # type: ignore[assignment]
 
     def dec_lock_ref(self, node: TreeNode) -> None:
         while node is not None:
             assert node.lock_ref > 0, f"unbalanced dec_lock_ref on {node}"
             node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._update_evictable(node)
             node = node.parent  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ eviction
@@ -189,20 +204,31 @@ class TrieCache:
         target = self.max_bytes if target_bytes is None else target_bytes
         if self._bytes <= target:
             return 0
-        heap = [n for n in self._iter_nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
+        for node in self._pending:
+            heapq.heappush(self._heap, (node.last_access_time, node.id, node))
+        self._queued |= self._pending
+        self._pending.clear()  # clear, not remove one by one: a set keeps its largest table, and iterating costs that
         evicted = 0
-        while heap and self._bytes > target:
-            node = heapq.heappop(heap)
+        while self._heap and self._bytes > target:
+            stamp, _, node = heapq.heappop(self._heap)
+            if node not in self._evictable:  # pinned or given a child since it was queued
+                self._queued.discard(node)
+                continue
+            if stamp != node.last_access_time:  # touched since it was queued: back in at its real time
+                heapq.heappush(self._heap, (node.last_access_time, node.id, node))
+                continue
+            self._queued.discard(node)
+            self._evictable.discard(node)
             parent = node.parent
             assert parent is not None
             del parent.children[node.key[0]]
             self._account(node, -1)
+            self._update_evictable(parent)
+            if parent in self._pending:  # left childless: a candidate of this very call
+                self._queue(parent)
             evicted += len(node.key)
             self.counters.evicted_tokens += len(node.key)
             self.counters.evicted_nodes += 1
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, parent)
         return evicted
 
     def clear(self) -> None:
@@ -213,7 +239,21 @@ class TrieCache:
     def _account(self, node: TreeNode, sign: int) -> None:
         self._bytes += sign * node.nbytes()
         self._tokens += sign * len(node.key)
-        self._nodes += sign
+
+    def _update_evictable(self, node: TreeNode) -> None:
+        """Add ``node`` to the evictable leaves or take it out, after its children or pins changed."""
+        if node.children or node.lock_ref > 0:  # the root is pinned for good, so never evictable
+            self._evictable.discard(node)
+            self._pending.discard(node)
+        elif node not in self._evictable:
+            self._evictable.add(node)
+            if node not in self._queued:  # an entry left from an earlier spell as a leaf is refreshed by evict
+                self._pending.add(node)
+
+    def _queue(self, node: TreeNode) -> None:
+        self._pending.remove(node)
+        self._queued.add(node)
+        heapq.heappush(self._heap, (node.last_access_time, node.id, node))
 
     def _iter_nodes(self):
         stack = list(self.root.children.values())
@@ -231,23 +271,30 @@ class TrieCache:
         """Distinct token prefixes held (each is one node of the uncompressed trie)."""
         return self._tokens
 
-    @property
-    def num_nodes(self) -> int:
-        return self._nodes
-
     def check_invariants(self) -> None:
-        """Recount from the tree and compare with the running totals (for tests)."""
-        tokens = nodes = nbytes = 0
+        """Recount from the tree and compare with the running totals and the eviction structures (for tests)."""
+        tokens = nbytes = 0
+        nodes = set()
         for node in self._iter_nodes():
-            assert node.parent is not None and node.parent.children[node.key[0]] is node
+            assert node.key and node.parent is not None, f"{node} has no key or no parent"
+            assert node.parent.children.get(node.key[0]) is node, f"{node} is not its parent's child for {node.key[0]}"
             assert node.start == node.parent.end, f"{node.start=}, {node.parent.end=}"
-            assert node.value is not None and node.value.shape[-2] == len(node.key)
-            if node.lock_ref:
-                assert node.parent.lock_ref >= node.lock_ref or node.parent is self.root
-            tokens, nodes, nbytes = tokens + len(node.key), nodes + 1, nbytes + node.nbytes()
-        assert (tokens, nodes, nbytes) == (self._tokens, self._nodes, self._bytes), (
-            f"{(tokens, nodes, nbytes)=} != {(self._tokens, self._nodes, self._bytes)=}"
-        )
+            assert node.value is not None and node.value.shape[-2] == len(node.key), f"{node}: {node.value=}"
+            tokens, nbytes = tokens + len(node.key), nbytes + node.nbytes()
+            nodes.add(node)
+        assert (tokens, nbytes) == (self._tokens, self._bytes), f"{(tokens, nbytes)=} != {(self._tokens, self._bytes)=}"
+        # A node's lock_ref counts the pins in its subtree (inc_lock_ref pins the whole path), the root's one more.
+        for node in [self.root, *nodes]:
+            below = sum(c.lock_ref for c in node.children.values())
+            assert node.lock_ref >= below + (node is self.root), f"{node}: lock_ref < {below=} of its children"
+        evictable = {n for n in nodes if not n.children and n.lock_ref == 0}
+        assert self._evictable == evictable, f"{len(self._evictable)=}, {len(evictable)=}, {len(self._evictable ^ evictable)=}"
+        queued = [node for _, _, node in self._heap]
+        assert len(queued) == len(self._queued) and set(queued) == self._queued, f"{len(queued)=}, {len(self._queued)=}"
+        assert self._pending <= evictable and not self._pending & self._queued, f"{len(self._pending)=}"
+        assert evictable <= self._pending | self._queued, "an evictable leaf is neither queued nor pending"
+        assert self._queued <= nodes, "a heap entry outlived its node"
+        assert all(stamp <= node.last_access_time for stamp, _, node in self._heap), "a heap entry is newer than its node"
 
 
 def common_prefix_len(a, b, offset: int = 0) -> int:

@@ -93,10 +93,6 @@ class MRM:
     template: MRMTemplate = field(default_factory=MRMTemplate)
     adapter: str | None = None  # set when ``model`` is the shared policy backbone and the MRM is its row adapter of this name
 
-    @property
-    def vocab_size(self) -> int:
-        return self.unseen_mask.numel()
-
 
 def _check_bias_and_mask(bias: torch.Tensor, mask: torch.Tensor, where: str) -> None:
     if bias.dim() != 1 or mask.dim() != 1:
