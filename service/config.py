@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     policy_model: str = "smollm2-135m-instruct"
     # The reward models trained by `python -m model_store rebuild` (model_store/artifacts/MODEL_CARD.md).
     # The flagged untrained placeholders ("untrained-placeholder-mrm", "zero-shot-guard-prm") stay selectable.
-    mrm_model: str = "smollm2-135m-saffron-mrm-v2"
+    mrm_model: str = "smollm2-135m-saffron-mrm-v2c"
     prm_model: str = "smollm2-135m-safety-prm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -58,13 +58,13 @@ class Settings(BaseSettings):
     min_new_tokens: int = 16
     max_new_tokens: int = 64
     # Repetition controls, tie order and the MRM's weight (service/search/penalties.py, SearchParams). Defaults chosen
-    # by `saffron-guard bench tune` on training-split prompts (bench/README.md): MRM v2, w = 0.3, no repeated 3-gram.
+    # by `saffron-guard bench tune` on training-split prompts (bench/README.md): MRM v2c, w = 0.5, no repeated 3-gram.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 3
     tie_break: Literal["token_id", "policy"] = "policy"
-    mrm_weight: float = 0.3  # saffron: score = w * MRM + (1 - w) * log pi (SearchParams.mrm_weight)
+    mrm_weight: float = 0.5  # saffron: score = w * MRM + (1 - w) * log pi (SearchParams.mrm_weight)
     # "reference": the Saffron-1 paper's exact search whatever the four settings above say (SearchParams.mode).
     safety_mode: Literal["guarded", "reference"] = "guarded"
 

@@ -2,52 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import openai
 import pytest
 
-from service.redis_server import free_port, start_redis_server
+from tests.e2e.service import running_service
 
 pytestmark = pytest.mark.model
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def base_url():
-    with start_redis_server() as srv:
-        port = free_port()
-        env = os.environ | {"SAFFRON_REDIS_URL": srv.url, "SAFFRON_WORKER_METRICS_PORT": str(free_port())}
-        cli = [sys.executable, "-m", "service.cli"]
-        procs = [
-            subprocess.Popen([*cli, "worker", "--id", "e2e"], cwd=ROOT, env=env),
-            subprocess.Popen([*cli, "gateway", "--port", str(port)], cwd=ROOT, env=env),
-        ]
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 180
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert all(p.poll() is None for p in procs), "a service process died during start-up"
-                time.sleep(0.3)
-            else:
-                raise AssertionError("service not ready in 180 s")
-            yield f"{base}/v1"
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                p.wait(timeout=60)
+    with running_service() as url:
+        yield url
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_registry_entries_are_consistent():
 
 def test_the_trained_reward_models_are_the_defaults():
     s = Settings()
-    assert (s.mrm_model, s.prm_model) == (TRAINED_MRM_V2, TRAINED_PRM)  # v1 stays selectable
+    assert (s.mrm_model, s.prm_model) == (TRAINED_MRM_V2C, TRAINED_PRM)  # v1 and v2 stay selectable
     Settings(environment="production", api_keys="k")  # production accepts the defaults
     with pytest.raises(ValueError, match="placeholder"):
         Settings(mrm_model="untrained-placeholder-mrm", environment="production", api_keys="k")

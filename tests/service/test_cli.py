@@ -93,7 +93,7 @@ def test_the_default_trained_mrm_has_no_warning(capsys):
     assert main(["generate", "--json", "--strategy", "saffron", "--budget", "2", "--max-new-tokens", "2", PROMPT]) == 0
     captured = capsys.readouterr()
     out = strict_json(captured.out.strip())
-    assert out["reward_models"]["mrm"] == "smollm2-135m-saffron-mrm-v2" and out["reward_models"]["mrm_trained"] is True
+    assert out["reward_models"]["mrm"] == "smollm2-135m-saffron-mrm-v2c" and out["reward_models"]["mrm_trained"] is True
     assert out["reward_models"]["prm"] == "smollm2-135m-safety-prm" and out["reward_models"]["prm_trained"] is True
     assert "warning" not in out["reward_models"] and "WARNING" not in captured.err
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from model_store.registry import TRAINED_MRM_V2, TRAINED_PRM
+from model_store.registry import TRAINED_MRM_V2C, TRAINED_PRM
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.guard import GenerationResult, Guard
@@ -28,7 +28,7 @@ def guard() -> Guard:
 
 def assert_trained_defaults(result: GenerationResult) -> None:
     info = result.reward_models
-    assert (info["mrm"], info["prm"]) == (TRAINED_MRM_V2, TRAINED_PRM), info
+    assert (info["mrm"], info["prm"]) == (TRAINED_MRM_V2C, TRAINED_PRM), info
     assert info["mrm_trained"] is True and info["prm_trained"] is True and "warning" not in info, info
 
 
