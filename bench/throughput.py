@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from openai import AsyncOpenAI
 from tqdm import tqdm
 
@@ -30,24 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.redis_server import free_port, start_redis_server  # noqa: E402
+from service.serve import wait_until_ok  # noqa: E402
 
 PROMPTS = (ROOT / "data" / "harmbench_standard.txt").read_text().splitlines()[120:199]  # evaluation split
 
 
 def spawn(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(base: str, timeout: float = 300.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("service did not become ready")
 
 
 async def one(client: AsyncOpenAI, prompt: str, args) -> dict:
@@ -84,7 +72,7 @@ async def concurrent(client, prompts, args) -> tuple[float, list[dict]]:
 def run_phase(name, env, base, prompts, args):
     worker = spawn(["worker", "--id", f"bench-{name}"], env)
     try:
-        wait_ready(base)
+        wait_until_ok(f"{base}/ready", 300, (worker,))
         client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", timeout=3600, max_retries=0)
         fn = sequential if name == "sequential" else concurrent
         return asyncio.run(fn(client, prompts, args))

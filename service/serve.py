@@ -37,6 +37,26 @@ PROGRESS_EVERY_S = 5.0  # a "still waiting" line this often while workers load t
 KILL_AFTER_GRACE_S = 5.0  # added to worker_shutdown_grace_s before leftovers get SIGKILL
 
 
+def wait_until_ok(url: str, timeout_s: float, procs: tuple[subprocess.Popen, ...] = ()) -> None:
+    """Poll ``GET url`` until it answers 200 (for scripts and tests that start the service as processes).
+
+    Raises RuntimeError when ``timeout_s`` passes first or one of ``procs`` exits meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, proc.args))!r} exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 in {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
 @dataclass
 class Child:
     name: str  # "gateway" or "worker local-0", used in every message about it

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from service.redis_server import free_port, start_redis_server
+from service.serve import wait_until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "service.cli"]
@@ -31,17 +29,7 @@ def running_service(env: dict[str, str] | None = None, ready_s: float = 180) -> 
         ]
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + ready_s
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert all(p.poll() is None for p in procs), "a service process died during start-up"
-                time.sleep(0.3)
-            else:
-                raise AssertionError(f"service not ready in {ready_s:.0f} s")
+            wait_until_ok(f"{base}/ready", ready_s, tuple(procs))
             yield f"{base}/v1"
         finally:
             for p in procs:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from service.redis_server import free_port
+from service.serve import wait_until_ok
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[3]
@@ -74,16 +74,11 @@ def test_saffron_guard_gateway_serves_without_torch(redis_url: str):
     proc = subprocess.Popen(python(program), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, f"the gateway exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
-            assert time.time() < deadline, "the gateway did not answer /health in 60 s"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_until_ok(f"{base}/health", 60, (proc,))
+        except RuntimeError as e:
+            proc.kill()
+            raise AssertionError(f"{e}:\n{proc.communicate()[0][-3000:]}") from None
         models = httpx.get(f"{base}/v1/models", timeout=5)
         assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["saffron-guard"], models.text
         ready = httpx.get(f"{base}/ready", timeout=5)  # Redis answers; no worker heartbeats under this prefix

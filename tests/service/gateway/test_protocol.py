@@ -32,7 +32,7 @@ def settings() -> Settings:
 def test_defaults_come_from_settings(settings):
     params = make().to_search_params(settings)
     assert params == SearchParams(strategy="saffron", budget=6, top_p=0.7, min_new_tokens=3, max_new_tokens=20, temperature=None, seed=0,
-                                  no_repeat_ngram_size=3, tie_break="policy", mrm_weight=0.3)  # the defaults since issue 11
+                                  no_repeat_ngram_size=3, tie_break="policy", mrm_weight=0.5)  # the defaults since issue 11
 
 
 def test_request_values_override_defaults(settings):
