@@ -58,12 +58,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from service.config import STRATEGIES
 from service.models.judge import classify
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"
 DEFAULT_OUT = ROOT / "bench" / "results"
-METHODS = ("none", "best_of_n", "beam_prm", "saffron")
+METHODS = STRATEGIES
 ATTACKS = ("none", "prefill")
 RECORD_FIELDS = (
     "prompt_id", "split", "attack", "method", "budget", "prefill", "text", "token_ids", "verdict",

@@ -7,7 +7,7 @@ Every field can be set from the environment with the prefix ``SAFFRON_`` (for ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +22,10 @@ DEFAULT_SYSTEM_PROMPT = (
 def default_home() -> Path:
     return Path.home() / ".cache" / "saffron-guard"
 
+
+# The search strategies, named once: SearchParams, the CLI, the runner (STRATEGY_FNS) and the benchmarks use this.
+Strategy = Literal["none", "best_of_n", "beam_prm", "saffron"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAFFRON_", extra="ignore")
@@ -52,7 +56,7 @@ class Settings(BaseSettings):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     # Search defaults (DESIGN.md §2).
-    strategy: Literal["none", "best_of_n", "beam_prm", "saffron"] = "saffron"
+    strategy: Strategy = "saffron"
     budget: int = 8
     top_p: float = 0.8
     min_new_tokens: int = 16

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from service.config import STRATEGIES
 from service.errors import InvalidRequestError
 
-STRATEGIES = ("none", "best_of_n", "beam_prm", "saffron")
 TIE_BREAKS = ("token_id", "policy")
 # "guarded": the search with the server's settings (penalties, tie order, MRM weight). "reference": the Saffron-1
 # paper's exact search (DESIGN.md §2) whatever the server's settings: no repetition controls, the MRM's score alone,
