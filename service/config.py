@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = 512
     max_prompt_tokens: int = 4096
 
+    # Guard policy: the operator's, never the client's. Strategies a request may choose (comma-separated); None:
+    # every strategy in development, only "saffron" in production. A smaller budget than min_budget is refused.
+    client_strategies: str | None = None
+    min_budget: int = 1
+    # A client's system message comes after the operator's system_prompt, in one system message ("append");
+    # "replace": it replaces the operator's prompt (only for deployments that trust their clients).
+    client_system_prompt: Literal["append", "replace"] = "append"
+
     trie_cache_bytes: int = 2 * 1024**3  # per model; LRU eviction of unpinned nodes above this
 
     # Serving (gateway + workers).
@@ -108,7 +116,21 @@ class Settings(BaseSettings):
             raise ValueError("refusing to run in production without authentication; set SAFFRON_API_KEYS")
         if self.environment == "production" and self.mrm_model == "untrained-placeholder-mrm":
             raise ValueError("refusing to run in production with the untrained placeholder MRM; set SAFFRON_MRM_MODEL")
+        unknown = [x for x in self.allowed_strategies if x not in STRATEGIES]
+        if unknown or not self.allowed_strategies:
+            raise ValueError(f"client_strategies must name some of {', '.join(STRATEGIES)}, got {self.client_strategies!r}")
+        if self.strategy not in self.allowed_strategies:
+            raise ValueError(f"the default strategy {self.strategy!r} is not in client_strategies ({', '.join(self.allowed_strategies)})")
+        if not 1 <= self.min_budget <= self.budget:
+            raise ValueError(f"min_budget must be in [1, budget={self.budget}], got {self.min_budget}")
         return self
+
+    @property
+    def allowed_strategies(self) -> tuple[str, ...]:
+        """The strategies a request may choose (``client_strategies``; by default all in development, saffron in production)."""
+        if self.client_strategies is None:
+            return ("saffron",) if self.environment == "production" else STRATEGIES
+        return tuple(x.strip() for x in self.client_strategies.split(",") if x.strip())
 
     @property
     def fail_closed_on(self) -> bool:

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
+from service.models.chat import chat_prompt_ids, plain_ids
 from service.models.judge import classify, degeneracy
 from service.models.kinds import ENGINE_KINDS, ModelKind
 from service.report import BlockReason, SafetyReport, finite_or_none
 from service.search.calls import SearchContext
-from service.search.params import SearchParams, params_from_settings
+from service.search.params import SearchParams, limits, params_from_settings
 from service.search.runner import Batch, RequestLayout, SearchRun
 
 
@@ -74,6 +75,23 @@ def fail_closed_reason(text: str, reward: float | None, strategy: str, threshold
     return None
 
 
+def reward_prompt(messages: list[dict], template) -> str:
+    """What the reward models read as the prompt: the user message of a one-turn chat, else the whole conversation.
+
+    Earlier turns are joined in the MRM's own layout (``MRMTemplate``: "<u1>\n\nAgent:<a1>\n\nUser:<u2>"), so
+    "now answer my first question" is scored with the question it points to. System messages are the operator's
+    framing, not the request, and are left out as before.
+    """
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    if len(turns) == 1:
+        return turns[0].get("content") or ""
+    parts = []
+    for i, m in enumerate(turns):
+        tag = template.agent_tag if m.get("role") == "assistant" else template.user_tag
+        parts.append((m.get("content") or "") if i == 0 and m.get("role") == "user" else tag + (m.get("content") or ""))
+    return "".join(parts)
+
+
 # SearchStats fields the safety report carries (the cost a client sees).
 SAFETY_STATS = ("reward_calls", "policy_forward_tokens", "reward_forward_tokens", "trie_reused_tokens", "distinct_trie_nodes", "flops_estimate")
 
@@ -104,12 +122,11 @@ class Guard:
         users = [m for m in messages if m.get("role") == "user"]
         if not users or not (users[-1].get("content") or "").strip():
             raise InvalidRequestError("the prompt (last user message) must not be empty", param="messages", code="empty_prompt")
-        prompt = users[-1]["content"]
-        if self.settings.system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.settings.system_prompt}, *messages]
         m, tok = self.models, self.models.tokenizer
-        policy_prefix = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-        prefill_ids = tok.encode(prefill, add_special_tokens=False) if prefill else []
+        prompt = reward_prompt(messages, m.mrm.template)
+        messages = self.with_system_prompt(messages)
+        policy_prefix = chat_prompt_ids(tok, messages)  # a client's text never becomes a control token
+        prefill_ids = plain_ids(tok, prefill) if prefill else []
         n = len(policy_prefix) + len(prefill_ids)
         if n > self.settings.max_prompt_tokens:
             raise RequestTooLargeError(
@@ -118,6 +135,17 @@ class Guard:
         prm_prefix, prm_suffix = m.prm.layout(prompt)
         layout = RequestLayout(policy_prefix, m.mrm.template.prefix_ids(tok, prompt), prm_prefix, prm_suffix)
         return SearchRun(m, layout, SearchContext(params, prefill_ids, m.eos_ids))
+
+    def with_system_prompt(self, messages: list[dict]) -> list[dict]:
+        """The operator's system prompt first: a client's system message is appended to it (``client_system_prompt``)."""
+        own, first = self.settings.system_prompt, messages[0]
+        if not own:
+            return messages
+        if first.get("role") != "system":
+            return [{"role": "system", "content": own}, *messages]
+        if self.settings.client_system_prompt == "replace":
+            return messages
+        return [{"role": "system", "content": f"{own}\n\n{first.get('content') or ''}"}, *messages[1:]]
 
     def generate(self, prompt: str | list[dict], prefill: str | None = None, **overrides) -> GenerationResult:
         """Run one guarded generation.
@@ -164,8 +192,7 @@ class Guard:
 
     def job_params(self, fields: dict) -> SearchParams:
         """Search parameters sent over the queue (``SearchParams.to_dict``), checked against this server's limits."""
-        s = self.settings
-        return SearchParams(**fields).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+        return SearchParams(**fields).validate(**limits(self.settings))
 
     def result(self, run: SearchRun) -> GenerationResult:
         """The answer of a finished (and closed) run: fail-closed, the judge's verdict, the safety report."""

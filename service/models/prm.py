@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.errors import ModelNotPreparedError
+from service.models.chat import PLACEHOLDER, encode_rendered, has_control_text
 from service.models.mrm import (
     ADAPTER_CONFIG,
     ADAPTER_NAME,
@@ -62,11 +63,12 @@ class GuardPRM:
         return cls(tokenizer, name, trained, safe[0], unsafe[0])
 
     def layout(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the response for ``prompt``."""
-        messages = [{"role": "system", "content": GUARD_SYSTEM}, {"role": "user", "content": GUARD_USER.format(prompt=prompt)}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(_MARK)
-        return self.tokenizer.encode(head, add_special_tokens=False), self.tokenizer.encode(tail, add_special_tokens=False)
+        """Token ids before and after the response for ``prompt`` (its text stays text: ``service.models.chat``)."""
+        tok = self.tokenizer
+        plain = {PLACEHOLDER.format(0): prompt} if has_control_text(tok, [prompt]) else {}
+        messages = [{"role": "system", "content": GUARD_SYSTEM}, {"role": "user", "content": GUARD_USER.format(prompt=next(iter(plain), prompt))}]
+        head, tail = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True).split(_MARK)
+        return encode_rendered(tok, head, plain), encode_rendered(tok, tail, plain)
 
     def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, V] logits at the answer position -> [B] scores."""

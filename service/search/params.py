@@ -40,11 +40,26 @@ class SearchParams:
     mrm_weight: float = 1.0
     mode: str = "guarded"  # one of MODES
 
-    def validate(self, *, max_budget: int, max_new_tokens_limit: int) -> SearchParams:
-        """Raise InvalidRequestError naming the offending parameter and its accepted range."""
+    def validate(
+        self, *, max_budget: int, max_new_tokens_limit: int, strategies: tuple[str, ...] = STRATEGIES, min_budget: int = 1
+    ) -> SearchParams:
+        """Raise InvalidRequestError naming the offending parameter and its accepted range.
+
+        ``strategies`` and ``min_budget`` are the operator's guard policy (``Settings.client_strategies``,
+        ``Settings.min_budget``): a request may not choose a weaker search than the server allows.
+        """
         if self.strategy not in STRATEGIES:
             raise InvalidRequestError(
                 f"unknown strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}", param="strategy", code="invalid_strategy"
+            )
+        if self.strategy not in strategies:
+            raise InvalidRequestError(
+                f"strategy {self.strategy!r} is not allowed on this server; allowed: {', '.join(strategies)} (SAFFRON_CLIENT_STRATEGIES)",
+                param="strategy", code="strategy_not_allowed",
+            )
+        if min_budget > 1 and isinstance(self.budget, int) and not isinstance(self.budget, bool) and 1 <= self.budget < min_budget:
+            raise InvalidRequestError(
+                f"budget must be at least {min_budget} on this server (SAFFRON_MIN_BUDGET), got {self.budget}", param="budget", code="out_of_range"
             )
         _check_int("budget", self.budget, 1, max_budget)
         _check_int("max_new_tokens", self.max_new_tokens, 1, max_new_tokens_limit)
@@ -99,7 +114,13 @@ def params_from_settings(settings, **overrides) -> SearchParams:
         base.update(REFERENCE_SEARCH)  # the server's own controls do not apply; a request's are checked by validate
     base.update(given)
     base.setdefault("mode", s.safety_mode)
-    return SearchParams(**base).validate(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit)
+    return SearchParams(**base).validate(**limits(s))
+
+
+def limits(settings) -> dict:
+    """``SearchParams.validate``'s keyword arguments from a service.config.Settings: the documented limits and the guard policy."""
+    s = settings
+    return dict(max_budget=s.max_budget, max_new_tokens_limit=s.max_new_tokens_limit, strategies=s.allowed_strategies, min_budget=s.min_budget)
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:

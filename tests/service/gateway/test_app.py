@@ -354,3 +354,14 @@ async def test_client_disconnect_cancels_the_job(make_settings, stream):
         await _call_asgi(gw.app, {**CHAT, "stream": stream}, disconnect_after_first_frame=stream)
         job = await gw.take_job()
         assert await gw.redis.get(gw.keys.cancel(job.id)) == "1"
+
+
+async def test_production_refuses_a_client_that_switches_the_guard_off(make_settings):
+    """The guard policy is the operator's: in production a request cannot pick the unguarded baseline (issue 13)."""
+    async with running(make_settings(environment="production", api_keys="k")) as gw:
+        headers = {"Authorization": "Bearer k"}
+        for strategy in ("none", "best_of_n"):
+            resp = await gw.client.post("/v1/chat/completions", json={**CHAT, "safety": {"strategy": strategy}}, headers=headers)
+            error = assert_openai_error(resp, 400, code="strategy_not_allowed", param="safety.strategy")
+            assert "SAFFRON_CLIENT_STRATEGIES" in error["message"]
+        assert await gw.redis.xlen(gw.keys.jobs) == 0  # nothing was queued
