@@ -8,6 +8,10 @@ stop taking jobs, drain for ``worker_shutdown_grace_s``, then hand the rest back
 Jobs that a dead worker had taken stay pending in the consumer group; after
 ``worker_claim_idle_s`` without an ack another worker takes them over with XAUTOCLAIM. A live
 worker refreshes the idle time of its own jobs with every heartbeat so they are never stolen.
+
+The heartbeat runs on a thread of its own (``Heartbeat``), so a model step of any length — a long
+prefill on a CPU — never makes a live worker look dead: its key keeps its TTL and its jobs stay
+its own. Dropping jobs another worker took over stays on the main loop, between steps.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +51,38 @@ class Active:
     streamed_text: str = ""  # committed answer text already sent as deltas
 
 
+class Heartbeat:
+    """A thread that keeps a worker alive in Redis while its main loop is inside a model step.
+
+    Every ``every_s``: the heartbeat key (``HEARTBEAT_TTL_S``) and the idle time of the worker's own
+    pending jobs (XCLAIM with min-idle 0 of those still pending under its name — never a job another
+    worker took over). A Redis error is logged and retried at the next beat; it never stops the thread.
+    """
+
+    def __init__(self, worker: Worker, every_s: float):
+        self.worker = worker
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.worker.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.worker.beat()
+            except redis.RedisError:
+                logger.warning("worker %s: heartbeat failed, retrying in %.1fs", self.worker.id, self.every_s, exc_info=True)
+
+
 class Worker:
     def __init__(self, settings: Settings, guard: Guard, client: redis.Redis, worker_id: str | None = None):
         self.settings = settings
@@ -69,32 +106,40 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         logger.info("worker %s serving %s (max %d active)", self.id, self.keys.jobs, self.settings.worker_max_active)
-        stop_deadline = None
-        loops = 0
         try:
-            while max_loops is None or loops < max_loops:
-                loops += 1
-                now = time.monotonic()
-                if now - self._last_heartbeat >= min(HEARTBEAT_EVERY_S, self.settings.worker_claim_idle_s / 3):
-                    self.heartbeat()
-                if self.stopping:
-                    stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
-                    if not self.active:
-                        break
-                    if now >= stop_deadline:
-                        self.hand_back_all()
-                        break
-                else:
-                    if now - self._last_claim >= max(self.settings.worker_claim_idle_s / 2, 0.5):
-                        self.claim_stale()
-                    self.poll(block_ms=20 if self.active else 500)
-                self.check_cancel_and_deadlines()
-                if self.active:
-                    self.step()
+            with Heartbeat(self, self.beat_every_s):
+                self._serve(max_loops)
         finally:
             self.redis.delete(self.keys.worker(self.id))
             metrics.WORKER_BUSY.set(0)
             logger.info("worker %s stopped", self.id)
+
+    @property
+    def beat_every_s(self) -> float:
+        return min(HEARTBEAT_EVERY_S, self.settings.worker_claim_idle_s / 3)
+
+    def _serve(self, max_loops: int | None) -> None:
+        stop_deadline = None
+        loops = 0
+        while max_loops is None or loops < max_loops:
+            loops += 1
+            now = time.monotonic()
+            if now - self._last_heartbeat >= self.beat_every_s:
+                self.heartbeat()
+            if self.stopping:
+                stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
+                if not self.active:
+                    break
+                if now >= stop_deadline:
+                    self.hand_back_all()
+                    break
+            else:
+                if now - self._last_claim >= max(self.settings.worker_claim_idle_s / 2, 0.5):
+                    self.claim_stale()
+                self.poll(block_ms=20 if self.active else 500)
+            self.check_cancel_and_deadlines()
+            if self.active:
+                self.step()
 
     def _on_signal(self, signum, frame) -> None:
         logger.info("worker %s: signal %d, draining %d job(s)", self.id, signum, len(self.active))
@@ -108,16 +153,29 @@ class Worker:
                 raise
 
     def heartbeat(self) -> None:
-        status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
-        self.redis.set(self.keys.worker(self.id), json.dumps(status), ex=HEARTBEAT_TTL_S)
+        """On the main loop, between steps: the beat, then drop the jobs another worker took over."""
+        self.beat()
         self.refresh_own_entries()
         self._last_heartbeat = time.monotonic()
 
-    def refresh_own_entries(self) -> None:
-        """Reset the idle time of the jobs we still own, and drop the ones another worker took over.
+    def beat(self) -> None:
+        """The heartbeat key, and the idle time of our own pending jobs reset (safe from the Heartbeat thread)."""
+        status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
+        self.redis.set(self.keys.worker(self.id), json.dumps(status), ex=HEARTBEAT_TTL_S)
+        ours = [a.entry_id for a in list(self.active)]  # a copy: the main loop may change the list meanwhile
+        if ours:
+            pending = self.redis.xpending_range(self.keys.jobs, GROUP, min="-", max="+", count=len(ours) + 16, consumername=self.id)
+            still = {entry["message_id"] for entry in pending}
+            owned = [e for e in ours if e in still]
+            if owned:
+                self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, owned, justid=True)
 
-        A step longer than ``worker_claim_idle_s`` lets another worker claim our jobs; taking them
-        back would make two workers run (and stream) the same job, so the later owner keeps it.
+    def refresh_own_entries(self) -> None:
+        """Drop the jobs another worker took over (``beat`` keeps the idle time of the rest low).
+
+        If this process stalls longer than ``worker_claim_idle_s`` (its heartbeat thread too), another
+        worker claims our jobs; taking them back would make two workers run (and stream) the same
+        job, so the later owner keeps it.
         """
         if not self.active:
             return
@@ -129,8 +187,6 @@ class Worker:
             self.active.remove(a)
             metrics.WORKER_JOBS.labels("lost").inc()
         metrics.WORKER_BUSY.set(len(self.active))
-        if self.active:
-            self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, [a.entry_id for a in self.active], justid=True)
 
     # ------------------------------------------------------------------ taking jobs
     def free_slots(self) -> int:
@@ -150,7 +206,7 @@ class Worker:
         if self.free_slots() <= 0:
             return
         idle_ms = int(self.settings.worker_claim_idle_s * 1000)
-        self.refresh_own_entries()  # a slow step must not make our own jobs look abandoned to ourselves
+        self.refresh_own_entries()  # drop what was taken from us before claiming more
         mine = {a.entry_id for a in self.active}
         # XAUTOCLAIM scans a bounded window of the pending list per call: keep its cursor so stale
         # entries behind many live ones are reached on later calls.

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -295,3 +296,33 @@ def test_an_unexpected_error_fails_the_job_not_the_worker(guard, settings, clien
     worker.run(install_signals=False, max_loops=2)
     assert events(client, settings, job)[-1]["status"] == 500
     assert client.xlen(Keys(settings.redis_prefix).jobs) == 0
+
+
+def test_a_15_second_step_keeps_the_worker_alive_and_its_job_its_own(guard, settings, client, monkeypatch):
+    """The heartbeat has its own thread: during a long model step the key keeps its TTL and the job is not claimable."""
+    keys = Keys(settings.redis_prefix)
+    job = enqueue(client, settings)
+    worker = Worker(settings, guard, client, "slow-step")
+    real_step, slept = worker.batch.step, []
+
+    def long_step():
+        if not slept:
+            slept.append(True)
+            time.sleep(15)  # a 4096-token prefill on a CPU takes about this long
+        return real_step()
+
+    monkeypatch.setattr(worker.batch, "step", long_step)
+    loop = threading.Thread(target=serve_until, args=(worker, client, settings, [job]))
+    loop.start()
+    try:
+        while not slept:
+            time.sleep(0.1)
+        for _ in range(12):  # past HEARTBEAT_TTL_S (10 s) and many times worker_claim_idle_s (1 s)
+            time.sleep(1)
+            assert client.exists(keys.worker("slow-step")), "the heartbeat key expired during the step"
+            (pending,) = client.xpending_range(keys.jobs, GROUP, min="-", max="+", count=5)
+            assert pending["consumer"] == "slow-step"
+            assert pending["time_since_delivered"] < 1000 * settings.worker_claim_idle_s, pending  # XAUTOCLAIM would skip it
+    finally:
+        loop.join(timeout=120)
+    assert events(client, settings, job)[-1]["type"] == "final"
