@@ -38,6 +38,7 @@ from service.search.runner import Batch, SearchRun
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 2.0
+REDIS_BACKOFF_S = (0.2, 5.0)  # first and longest wait after a Redis error, doubling in between
 
 
 @dataclass
@@ -110,7 +111,10 @@ class Worker:
             with Heartbeat(self, self.beat_every_s):
                 self._serve(max_loops)
         finally:
-            self.redis.delete(self.keys.worker(self.id))
+            try:
+                self.redis.delete(self.keys.worker(self.id))
+            except redis.RedisError:
+                logger.warning("worker %s: could not remove its heartbeat key (Redis unreachable); it expires", self.id)
             metrics.WORKER_BUSY.set(0)
             logger.info("worker %s stopped", self.id)
 
@@ -119,27 +123,58 @@ class Worker:
         return min(HEARTBEAT_EVERY_S, self.settings.worker_claim_idle_s / 3)
 
     def _serve(self, max_loops: int | None) -> None:
+        """The loop: heartbeat, take jobs, step. A Redis error (restart, timeout, lost data) is survived, never fatal."""
         stop_deadline = None
         loops = 0
+        backoff = 0.0
         while max_loops is None or loops < max_loops:
             loops += 1
-            now = time.monotonic()
-            if now - self._last_heartbeat >= self.beat_every_s:
-                self.heartbeat()
-            if self.stopping:
-                stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
-                if not self.active:
-                    break
-                if now >= stop_deadline:
-                    self.hand_back_all()
-                    break
-            else:
-                if now - self._last_claim >= max(self.settings.worker_claim_idle_s / 2, 0.5):
-                    self.claim_stale()
-                self.poll(block_ms=20 if self.active else 500)
-            self.check_cancel_and_deadlines()
-            if self.active:
-                self.step()
+            try:
+                now = time.monotonic()
+                if now - self._last_heartbeat >= self.beat_every_s:
+                    self.heartbeat()
+                if self.stopping:
+                    stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
+                    if not self.active:
+                        break
+                    if now >= stop_deadline:
+                        self.hand_back_all()
+                        break
+                else:
+                    if now - self._last_claim >= max(self.settings.worker_claim_idle_s / 2, 0.5):
+                        self.claim_stale()
+                    self.poll(block_ms=20 if self.active else 500)
+                self.check_cancel_and_deadlines()
+                if self.active:
+                    self.step()
+                backoff = 0.0
+            except redis.RedisError as e:
+                backoff = min(REDIS_BACKOFF_S[1], max(REDIS_BACKOFF_S[0], backoff * 2))
+                self.on_redis_error(e, backoff)
+
+    def on_redis_error(self, error: redis.RedisError, wait_s: float) -> None:
+        """Count it, wait, and repair what a restarted server lost: the consumer group and the entries of our jobs.
+
+        A server that lost its data (the shipped Valkey keeps nothing on disk) answers NOGROUP: the
+        group is created again and every active job is queued again under the same id, so its
+        client, still waiting on the job's result stream, gets the answer of the rerun.
+        """
+        lost = "NOGROUP" in str(error)
+        metrics.WORKER_REDIS_ERRORS.labels("lost_group" if lost else type(error).__name__).inc()
+        logger.warning("worker %s: Redis error (%s); retrying in %.1fs", self.id, error, wait_s)
+        time.sleep(wait_s)
+        if not lost:
+            return
+        try:
+            self.ensure_group()
+            for a in list(self.active):
+                self.batch.drop(a.entry_id)
+                self.active.remove(a)
+                self.redis.xadd(self.keys.jobs, {"job": a.job.dumps()})
+                logger.warning("job %s queued again: Redis lost the jobs stream", a.job.id)
+            metrics.WORKER_BUSY.set(len(self.active))
+        except redis.RedisError as again:
+            logger.warning("worker %s: Redis still failing (%s)", self.id, again)
 
     def _on_signal(self, signum, frame) -> None:
         logger.info("worker %s: signal %d, draining %d job(s)", self.id, signum, len(self.active))

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from service import metrics
 from service.config import Settings
@@ -20,7 +21,7 @@ from service.guard import Guard
 from service.models.judge import classify
 from service.queue.jobs import Job
 from service.queue.keys import GROUP, Keys
-from service.redis_server import start_redis_server
+from service.redis_server import free_port, start_redis_server
 from service.worker.worker import Worker
 
 pytestmark = pytest.mark.model
@@ -326,3 +327,41 @@ def test_a_15_second_step_keeps_the_worker_alive_and_its_job_its_own(guard, sett
     finally:
         loop.join(timeout=120)
     assert events(client, settings, job)[-1]["type"] == "final"
+
+
+def test_the_worker_survives_a_redis_restart_that_lost_everything(guard):
+    """Redis stops under a running worker and comes back empty (the shipped Valkey keeps nothing on disk): the worker
+    retries with backoff, creates its consumer group again, and answers the next job."""
+    port = free_port()
+    first = start_redis_server(port=port)
+    url = first.url
+    settings = Settings(redis_url=url, redis_prefix="restart", worker_claim_idle_s=1.0)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    worker = Worker(settings, guard, redis.Redis.from_url(url, decode_responses=True), "survivor")
+    errors_before = REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0
+    loop = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    loop.start()
+    second = None
+    try:
+        serve_job = enqueue(client, settings)
+        deadline = time.time() + 120
+        while time.time() < deadline and not events(client, settings, serve_job):
+            time.sleep(0.2)
+        assert events(client, settings, serve_job), "the worker did not answer before the restart"
+        first.stop()  # the worker now sees connection errors
+        time.sleep(2)
+        assert loop.is_alive(), "the worker died with Redis"
+        second = start_redis_server(port=port)  # a new, empty server: no stream, no group
+        job = enqueue(client, settings)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (events(client, settings, job) and events(client, settings, job)[-1]["type"] == "final"):
+            time.sleep(0.2)
+        assert events(client, settings, job)[-1]["type"] == "final", events(client, settings, job)
+        assert (REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0) > errors_before
+    finally:
+        worker.stopping = True
+        loop.join(timeout=60)
+        client.close()
+        first.stop()
+        if second is not None:
+            second.stop()
