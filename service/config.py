@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     # Serving (gateway + workers).
     redis_url: str | None = None  # None: `saffron-guard serve` starts a local Redis-compatible server
     redis_prefix: str = "saffron"  # key namespace (service/queue/keys.py)
+    redis_max_connections: int = 512  # the gateway's Redis pool; each waiting request holds one during a poll
+    redis_pool_timeout_s: float = 10.0  # past it, a request that found no free connection gets 503
     served_model_name: str = "saffron-guard"  # the model id clients send; /v1/models lists it
     api_keys: str = ""  # comma-separated bearer tokens; empty: no authentication (development only)
     max_queue: int = 64  # queued + running jobs admitted; past it, 429 with Retry-After

@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
@@ -116,7 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = Redis.from_url(redis_url, decode_responses=True)
+        # A blocking pool of a documented size: past it a request waits for a connection (up to
+        # redis_pool_timeout_s, then 503) instead of failing at once with "Too many connections".
+        pool = BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s
+        )
+        client = Redis(connection_pool=pool)
         app.state.service = GatewayService(settings, client)
         try:
             yield

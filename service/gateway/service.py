@@ -57,6 +57,13 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # Retry-After of a 429: a queue slot frees up when any job ends
 POLL_S = 1.0  # XREAD BLOCK slice; below redis-py's 5 s socket timeout, and how often a waiting client is checked
 ALIVE_CACHE_S = 1.0  # a seen heartbeat is trusted this long (a heartbeat key lives HEARTBEAT_TTL_S)
+# The queue bound and the enqueue in one server-side step: concurrent requests cannot overshoot max_queue.
+ADMIT_LUA = """
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {0, depth} end
+redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+return {1, depth}
+"""
 CANCEL_WRITE_TIMEOUT_S = 2.0  # the cancel flag is written even while the request is being cancelled, but not forever
 
 
@@ -77,6 +84,7 @@ class GatewayService:
     def __init__(self, settings: Settings, redis: Redis):
         self.settings = settings
         self.redis = redis
+        self._admit_script = redis.register_script(ADMIT_LUA)
         self.keys = Keys(settings.redis_prefix)
         self._api_keys = [k.encode() for k in settings.api_key_set]
         # The served name is what /v1/models lists; the policy's own name is accepted as an alias.
@@ -123,8 +131,7 @@ class GatewayService:
                 model=request.model,
             )
             with self._redis_errors():
-                await self._admit()
-                await self.redis.xadd(self.keys.jobs, {"job": job.dumps()})
+                await self._admit(job)
         except SaffronError as e:
             REQUESTS.labels(strategy, str(e.status_code)).inc()
             raise
@@ -156,14 +163,14 @@ class GatewayService:
                 code="model_not_found",
             )
 
-    async def _admit(self) -> None:
+    async def _admit(self, job: Job) -> None:
+        """Queue ``job`` if a worker lives and fewer than ``max_queue`` jobs are queued or running — one atomic step."""
         if not await self.worker_alive():
             raise ServiceUnavailableError(
                 "no live worker: start one with `saffron-guard worker` (or `saffron-guard serve`)", code="no_worker"
             )
-        # Not atomic with the XADD that follows: concurrent requests can overshoot max_queue by a few.
-        depth = await self.redis.xlen(self.keys.jobs)
-        if depth >= self.settings.max_queue:
+        admitted, depth = await self._admit_script(keys=[self.keys.jobs], args=[self.settings.max_queue, job.dumps()])
+        if not admitted:
             raise OverloadedError(
                 f"overloaded: {depth} jobs are queued or running (limit {self.settings.max_queue}); retry later",
                 retry_after_s=RETRY_AFTER_S,

@@ -365,3 +365,41 @@ async def test_production_refuses_a_client_that_switches_the_guard_off(make_sett
             error = assert_openai_error(resp, 400, code="strategy_not_allowed", param="safety.strategy")
             assert "SAFFRON_CLIENT_STRATEGIES" in error["message"]
         assert await gw.redis.xlen(gw.keys.jobs) == 0  # nothing was queued
+
+
+async def test_200_concurrent_requests_get_answers_or_429_and_the_queue_never_overshoots(make_settings):
+    """Admission is one server-side step (ADMIT_LUA): 200 requests at once against max_queue 16 queue at most 16 jobs;
+    every request gets 200 or 429 — no 5xx, none lost — through one pool of a documented size (issue 13)."""
+    settings = make_settings(max_queue=16, redis_max_connections=64, request_timeout_s=30)
+    async with running(settings) as gw:
+        depths, statuses = [], []
+
+        async def worker() -> None:  # answers what is queued, slowly, and records the queue depth it sees
+            answered = 0
+            while True:
+                depths.append(await gw.redis.xlen(gw.keys.jobs))
+                reply = await gw.redis.xreadgroup(GROUP, "hand", {gw.keys.jobs: ">"}, count=4, block=200)
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        job = Job.loads(fields["job"])
+                        await gw.send(job, final_event(FINAL))
+                        await gw.redis.xack(gw.keys.jobs, GROUP, entry_id)
+                        await gw.redis.xdel(gw.keys.jobs, entry_id)
+                        answered += 1
+                await anyio.sleep(0.05)
+
+        async def one() -> None:
+            resp = await gw.client.post("/v1/chat/completions", json=CHAT, timeout=60)
+            statuses.append(resp.status_code)
+            if resp.status_code == 429:
+                assert_openai_error(resp, 429)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            async with anyio.create_task_group() as clients:
+                for _ in range(200):
+                    clients.start_soon(one)
+            tg.cancel_scope.cancel()
+        assert len(statuses) == 200 and set(statuses) <= {200, 429}, sorted(set(statuses))
+        assert statuses.count(200) >= 16 and statuses.count(429) > 0
+        assert max(depths) <= 16, max(depths)
