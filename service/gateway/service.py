@@ -48,7 +48,7 @@ from service.gateway.protocol import (
     sse_data,
 )
 from service.metrics import QUEUE_DEPTH, REQUEST_LATENCY, REQUESTS, TIME_TO_FIRST_TOKEN
-from service.queue.jobs import Job, loads_event
+from service.queue.jobs import Job, loads_event, new_delta_text
 from service.queue.keys import RESULT_TTL_S, Keys
 from service.report import SafetyReport
 
@@ -219,10 +219,11 @@ class GatewayService:
             async for event in self._events(admitted):
                 text = event.get("text") or ""
                 if event.get("type") == "delta":
-                    if text:
+                    new = new_delta_text(sent, event)  # a delta sent twice (after a takeover) is dropped
+                    if new:
                         self._first_token(admitted)
-                        sent += text
-                        yield self._chunk(admitted, DeltaMessage(content=text)).sse_data()
+                        sent += new
+                        yield self._chunk(admitted, DeltaMessage(content=new)).sse_data()
                     continue
                 # Final: deltas were committed text, so the full answer must extend them.
                 if text.startswith(sent):

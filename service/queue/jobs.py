@@ -33,9 +33,30 @@ class Job:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def delta_event(text: str) -> dict[str, Any]:
-    """Newly committed text: every live search node agrees on it, so it will not change."""
-    return {"type": "delta", "text": text}
+def delta_event(text: str, offset: int) -> dict[str, Any]:
+    """Newly committed text: every live search node agrees on it, so it will not change.
+
+    ``offset`` is where ``text`` starts in the answer, so a reader can drop a delta it already has:
+    after a takeover the old owner may still publish the delta of the step it was in.
+    """
+    return {"type": "delta", "text": text, "offset": offset}
+
+
+def new_delta_text(sent: str, event: dict[str, Any]) -> str:
+    """The part of a delta event that extends ``sent`` (the text already taken from earlier deltas); "" if none.
+
+    A delta that starts inside ``sent`` and agrees with it gives only its new tail; one that starts
+    past it (a gap) or disagrees gives nothing — the final event carries the whole answer anyway.
+    An event without an offset (an older worker) is taken whole.
+    """
+    text = event.get("text") or ""
+    offset = event.get("offset")
+    if offset is None:
+        return text
+    overlap = sent[offset:]  # what of this delta the reader already has
+    if offset > len(sent) or not text.startswith(overlap):
+        return ""
+    return text[len(overlap) :]
 
 
 def final_event(result: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from service import metrics
 from service.config import Settings
 from service.errors import SaffronError
 from service.guard import Guard
-from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event
+from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys
 from service.search.runner import Batch, SearchRun
 
@@ -283,8 +283,10 @@ class Worker:
         metrics.QUEUE_WAIT.labels(params.strategy).observe(max(0.0, time.time() - job.created))
         active = Active(entry_id, job, run)
         if job.stream:  # a job taken over from a dead worker may have streamed part of its text already
-            sent = [json.loads(f["event"]) for _, f in self.redis.xrange(self.keys.result(job.id))]
-            active.streamed_text = "".join(e.get("text", "") for e in sent if e.get("type") == "delta")
+            for _, f in self.redis.xrange(self.keys.result(job.id)):
+                event = json.loads(f["event"])
+                if event.get("type") == "delta":
+                    active.streamed_text += new_delta_text(active.streamed_text, event)
         self.active.append(active)
         metrics.WORKER_BUSY.set(len(self.active))
         logger.info("job %s started: strategy=%s budget=%d queue_wait=%.2fs", job.id, params.strategy, params.budget, time.time() - job.created)
@@ -322,7 +324,7 @@ class Worker:
             return  # a multi-byte character is still incomplete
         # Decoding more tokens can re-space earlier text; send only clean extensions, the final event has the rest.
         if text.startswith(a.streamed_text) and len(text) > len(a.streamed_text):
-            self.publish(a.job.id, delta_event(text[len(a.streamed_text) :]))
+            self.publish(a.job.id, delta_event(text[len(a.streamed_text) :], offset=len(a.streamed_text)))
             a.streamed_text = text
 
     def finish(self, a: Active) -> None:

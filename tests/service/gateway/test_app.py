@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from service.config import Settings
 from service.gateway.app import create_app
-from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event
+from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, Keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -143,7 +143,7 @@ async def test_stream(make_settings):
         async def worker() -> None:
             job = await gw.take_job()
             assert job.stream is True
-            await gw.send(job, delta_event("Hel"), delta_event("lo"), final_event(FINAL))
+            await gw.send(job, delta_event("Hel", 0), delta_event("lo", 3), final_event(FINAL))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker)
@@ -178,7 +178,7 @@ async def test_official_openai_client(make_settings):
         assert completion.model_extra["safety"]["reward_calls"] == 12
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker, delta_event("Hel"), final_event({**FINAL, "finish_reason": "content_filter"}))
+            tg.start_soon(worker, delta_event("Hel", 0), final_event({**FINAL, "finish_reason": "content_filter"}))
             stream = await client.chat.completions.create(model="saffron-guard", messages=CHAT["messages"], stream=True)
             chunks = [c async for c in stream]
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
@@ -208,7 +208,7 @@ async def test_error_mid_stream_is_an_error_frame_then_done(make_settings):
 
         async def worker() -> None:
             job = await gw.take_job()
-            await gw.send(job, delta_event("Hel"), error_event(500, "internal error while searching", code="search_failed"))
+            await gw.send(job, delta_event("Hel", 0), error_event(500, "internal error while searching", code="search_failed"))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker)
@@ -403,3 +403,30 @@ async def test_200_concurrent_requests_get_answers_or_429_and_the_queue_never_ov
         assert len(statuses) == 200 and set(statuses) <= {200, 429}, sorted(set(statuses))
         assert statuses.count(200) >= 16 and statuses.count(429) > 0
         assert max(depths) <= 16, max(depths)
+
+
+async def test_a_delta_sent_twice_after_a_takeover_is_streamed_once(make_settings):
+    """The old owner of a taken-over job may still publish the delta of its last step: offsets make it harmless."""
+    async with running(make_settings()) as gw:
+
+        async def worker() -> None:
+            job = await gw.take_job()
+            # new owner: "Hel" then "lo"; the old owner's late copies of "Hel" and "l"; a gap; then the final answer
+            deltas = [delta_event("Hel", 0), delta_event("Hel", 0), delta_event("lo", 3), delta_event("l", 3), delta_event("?", 9)]
+            await gw.send(job, *deltas, final_event(FINAL))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            resp = await gw.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        chunks = [json.loads(f) for f in sse_frames(resp.text) if f != "[DONE]"]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        assert text == FINAL["text"], text  # "Hello world", not "HelHello…"
+
+
+def test_new_delta_text_keeps_only_what_extends_the_stream():
+    assert new_delta_text("", delta_event("ab", 0)) == "ab"
+    assert new_delta_text("ab", delta_event("b", 1)) == ""  # already there
+    assert new_delta_text("ab", delta_event("bcd", 1)) == "cd"  # overlaps, then extends
+    assert new_delta_text("ab", delta_event("x", 1)) == ""  # disagrees: the final event has the answer
+    assert new_delta_text("ab", delta_event("z", 5)) == ""  # a gap
+    assert new_delta_text("ab", {"type": "delta", "text": "c"}) == "c"  # an older worker's event, no offset
