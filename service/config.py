@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     fail_closed_threshold: float | None = None  # saffron only, in the units of its reward (the MRM's score); None: no threshold
     refusal_message: str = "I'm sorry, but I can't help with that."  # the fixed fail-closed answer
     worker_max_active: int = 8  # searches one worker steps together (its continuous batch)
+    worker_max_deliveries: int = 3  # a job whose workers died on it this many times gets an error instead of a 4th try
     worker_claim_idle_s: float = 30.0  # a job unacknowledged this long is claimed by another worker
     worker_shutdown_grace_s: float = 30.0  # on SIGTERM, finish in-flight jobs for this long, then hand back
     worker_metrics_port: int = 9101  # a worker serves /metrics here (worker i of `serve` uses port + i)

@@ -226,6 +226,27 @@ class Batch:
             run.close()
         return done
 
+    def step_each(self) -> tuple[list[tuple[Hashable, SearchRun]], list[tuple[Hashable, BaseException]]]:
+        """After a merged ``step`` raised: one round of every run alone, to find the one that fails.
+
+        Returns (finished, failed): the finished runs leave the batch as in ``step``; a failed run is
+        dropped (closed) with its exception. No run was fed by the failed merged round, so each
+        repeats that round here (its cost counted twice: a failure path).
+        """
+        finished, failed = [], []
+        for key, run in list(self.runs.items()):
+            try:
+                done = step_runs([run])
+            except Exception as e:
+                failed.append((key, e))
+                self.drop(key)
+                continue
+            if done:
+                del self.runs[key]
+                run.close()
+                finished.append((key, run))
+        return finished, failed
+
     def pending_rows(self) -> dict[ModelKind, int]:
         """Rows the next ``step`` sends to each engine, merged over the runs (the batch-size metric)."""
         rows = {kind: 0 for kind in ENGINE_KINDS}

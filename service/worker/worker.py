@@ -250,7 +250,23 @@ class Worker:
         for entry_id, fields in entries:
             if fields and entry_id not in mine:  # fields is None for entries deleted meanwhile
                 logger.warning("worker %s claimed stale job entry %s", self.id, entry_id)
+                if self.poisoned(entry_id, fields):
+                    continue
                 self.admit(entry_id, fields)
+
+    def poisoned(self, entry_id: str, fields: dict) -> bool:
+        """A job delivered more than ``worker_max_deliveries`` times (each owner died on it) is set aside with an error."""
+        (info,) = self.redis.xpending_range(self.keys.jobs, GROUP, min=entry_id, max=entry_id, count=1) or [None]
+        if info is None or info["times_delivered"] <= self.settings.worker_max_deliveries:
+            return False
+        try:
+            job = Job.loads(fields["job"])
+        except (KeyError, TypeError, ValueError):
+            return False  # admit drops a malformed entry
+        logger.error("job %s set aside: delivered %d times, its workers died on it", job.id, info["times_delivered"])
+        message = f"the job failed on {info['times_delivered']} worker attempts and was set aside"
+        self.fail(entry_id, job, error_event(500, message, code="poison_job"), "poisoned")
+        return True
 
     def admit(self, entry_id: str, fields: dict) -> None:
         """Validate a job and start its search, or answer it with an error right away."""
@@ -299,11 +315,13 @@ class Worker:
                 metrics.BATCH_ROWS.labels(kind).observe(rows)
         try:
             finished = self.batch.step()
-        except Exception:  # a model error fails the batch, not the worker
-            logger.exception("search step failed for %d job(s)", len(self.active))
-            for a in list(self.active):
+        except Exception:  # a model error (one huge request's OOM…): step each search alone, fail only the culprit
+            logger.exception("search step failed for %d job(s); retrying each alone", len(self.active))
+            finished, failed = self.batch.step_each()
+            for key, error in failed:
+                a = next(a for a in self.active if a.entry_id == key)
+                logger.error("job %s: its search step fails on its own (%r)", a.job.id, error)
                 self.fail(a.entry_id, a.job, error_event(500, "internal error while searching", code="search_failed"), "error", a)
-            return
         self.export_cache_metrics()
         done = {key for key, _ in finished}
         for a in list(self.active):

@@ -365,3 +365,36 @@ def test_the_worker_survives_a_redis_restart_that_lost_everything(guard):
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_job_its_workers_keep_dying_on_is_set_aside_with_an_error(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    worker = Worker(settings, guard, client, "next")
+    worker.ensure_group()
+    job = enqueue(client, settings)
+    ((_, [(entry, _)]),) = client.xreadgroup(GROUP, "dead", {keys.jobs: ">"}, count=1)
+    client.xclaim(keys.jobs, GROUP, "dead", 0, [entry], idle=5000, retrycount=settings.worker_max_deliveries)  # as if 3 died
+    worker.claim_stale()  # its XAUTOCLAIM is the 4th delivery
+    (last,) = events(client, settings, job)
+    assert (last["type"], last["status"], last["error"]["code"]) == ("error", 500, "poison_job"), last
+    assert not worker.active and client.xlen(keys.jobs) == 0  # acknowledged and removed, not tried a 4th time
+
+
+def test_a_step_that_fails_for_one_search_fails_only_that_job(guard, settings, client, monkeypatch):
+    """One bad search (say, an out-of-memory prefill) in a merged step: each search is stepped alone and only it fails."""
+    from service.search.runner import SearchRun
+
+    real_accept = SearchRun.accept
+
+    def accept(self, *args, **kwargs):
+        if self.ctx.params.seed == 13:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(SearchRun, "accept", accept)
+    good, bad = enqueue(client, settings), enqueue(client, settings, content="another question", seed=13)
+    worker = Worker(settings, guard, client, "isolating")
+    serve_until(worker, client, settings, [good, bad])
+    assert events(client, settings, good)[-1]["type"] == "final"
+    last = events(client, settings, bad)[-1]
+    assert (last["type"], last["status"], last["error"]["code"]) == ("error", 500, "search_failed"), last
