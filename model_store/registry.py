@@ -252,6 +252,50 @@ def verify_model_dir(path: Path, *, deep: bool = False) -> dict:
     return marker
 
 
+CHECKSUMS = "SHA256SUMS"  # in a committed artifact's directory: "<sha256>  <file>" per file, as sha256sum writes it
+
+
+def write_checksums(path: Path) -> Path:
+    """Record the sha256 of every file of a committed artifact's directory (``install`` calls it)."""
+    path = Path(path)
+    lines = [f"{sha256_file(f)}  {f.name}" for f in sorted(path.iterdir()) if f.is_file() and f.name != CHECKSUMS]
+    (path / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    return path / CHECKSUMS
+
+
+def verify_checksums(path: Path) -> None:
+    """Every file of a committed artifact's directory matches its recorded sha256, and no file is unrecorded.
+
+    Raises:
+        ModelNotPreparedError: a file is missing, changed, or not recorded (``sha256sum -c SHA256SUMS`` agrees).
+    """
+    path = Path(path)
+
+    def bad(reason: str) -> ModelNotPreparedError:
+        return ModelNotPreparedError(f"model artifact {path} is not the committed one: {reason}; restore it with git", code="artifact_mismatch")
+
+    try:
+        recorded = dict(reversed(line.split("  ", 1)) for line in (path / CHECKSUMS).read_text().splitlines() if line.strip())
+    except (OSError, ValueError) as e:
+        raise bad(f"its {CHECKSUMS} is missing or unreadable ({e})") from e
+    present = {f.name for f in path.iterdir() if f.is_file() and f.name != CHECKSUMS}
+    if present != set(recorded):
+        raise bad(f"files {sorted(present ^ set(recorded))} are unrecorded or missing")
+    for name, digest in recorded.items():
+        if sha256_file(path / name) != digest:
+            raise bad(f"{name} does not match its recorded sha256")
+
+
+def verify_artifact(where: ResolvedModel) -> None:
+    """The supply-chain check at load: an embedded model against its marker's sha256s, a committed one against SHA256SUMS."""
+    if where.path is None or where.spec is None:
+        return  # a directory or hub id of the operator's: its integrity is theirs
+    if where.embedded:
+        verify_model_dir(where.path, deep=True)
+    elif where.spec.source == COMMITTED:
+        verify_checksums(where.path)
+
+
 def sha256_file(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file, with a progress bar for the large ones."""
     digest = hashlib.sha256()

@@ -37,6 +37,7 @@ from model_store.registry import (
     TRAINED_PRM,
     resolve,
     verify_model_dir,
+    write_checksums,
 )
 from model_store.training.errors import TrainingError
 from model_store.training.evaluate import eval_asr, eval_prompts, eval_rewards
@@ -296,6 +297,7 @@ def install(out: Path, recipe: str = "v1") -> None:
         shutil.copytree(src, dst)
         for file in dst.iterdir():
             file.chmod(0o644)  # safetensors writes 0600
+        write_checksums(dst)  # checked at every load (registry.verify_artifact)
     for name, committed in (dict(zip(INSTALLED, INSTALLED)) if recipe == "v1" else INSTALLED_V2).items():
         if (out / name).is_file():
             shutil.copy2(out / name, ARTIFACTS_DIR / committed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_store.registry import resolve, verify_model_dir
+from model_store.registry import resolve, verify_artifact
 from service.config import Settings
 from service.engine.cached_lm import CachedLM, PlainLM, count_parameters
 from service.engine.malloc import fix_mmap_threshold
@@ -44,8 +44,7 @@ def load_causal_lm(name: str, settings: Settings):
     Device and dtype follow the settings, unless the model's registry spec names its own.
     """
     where = resolve(name, settings)
-    if where.path is not None and where.embedded:
-        verify_model_dir(where.path)
+    verify_artifact(where)
     spec = where.spec
     if spec is not None:
         settings = settings.model_copy(
@@ -140,6 +139,7 @@ def _engine(model, settings: Settings, use_cache: bool, name: str, adapters: Row
 def _load_prm(settings: Settings, policy_model, tokenizer) -> tuple[GuardPRM | ValuePRM, object]:
     """(PRM, the model its engine runs): a value PRM directory, a zero-shot prompt, or a judge LM."""
     where = resolve(settings.prm_model, settings)
+    verify_artifact(where)
     if where.spec is not None and not where.spec.trained:
         # The untrained PRM is a prompt on the policy backbone: same weights, its own trie.
         return GuardPRM.build(tokenizer, settings.prm_model, trained=False), policy_model
@@ -165,6 +165,7 @@ def load_bundle(settings: Settings, *, use_cache: bool = True) -> ModelBundle:
     adapters = RowAdapters(policy_model)
 
     mrm_spec = resolve(settings.mrm_model, settings)
+    verify_artifact(mrm_spec)
     if mrm_spec.spec is not None and not mrm_spec.spec.trained:
         mrm, mrm_params = placeholder_mrm(policy_model, tokenizer), policy_params
     elif settings.share_backbone:  # the MRM is a LoRA on the policy's backbone: one copy, one forward

@@ -163,3 +163,37 @@ def test_verify_deep_catches_same_size_corruption(tmp_path: Path):
     with pytest.raises(ModelNotPreparedError, match="sha256") as info:
         verify_model_dir(path, deep=True)
     assert PREPARE_COMMAND in info.value.message
+
+
+def test_every_committed_artifact_matches_its_recorded_sha256s():
+    from model_store.registry import ARTIFACTS_DIR, verify_checksums
+
+    for name, spec in REGISTRY.items():
+        if spec.source == COMMITTED:
+            verify_checksums(ARTIFACTS_DIR / name)
+
+
+def test_a_changed_extra_or_unrecorded_artifact_file_is_refused_at_load(tmp_path):
+    import shutil
+
+    from model_store.registry import ARTIFACTS_DIR, CHECKSUMS, verify_checksums
+    from service.errors import ModelNotPreparedError
+
+    def copy() -> Path:
+        dst = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(ARTIFACTS_DIR / TRAINED_MRM_V2C, dst)
+        return dst
+
+    verify_checksums(copy())
+    changed = copy()
+    data = bytearray((changed / "unseen_mask.pt").read_bytes())
+    data[-1] ^= 1
+    (changed / "unseen_mask.pt").write_bytes(bytes(data))
+    extra = copy()
+    (extra / "evil.pkl").write_bytes(b"not recorded")
+    unrecorded = copy()
+    (unrecorded / CHECKSUMS).unlink()
+    for bad, reason in ((changed, "does not match"), (extra, "unrecorded"), (unrecorded, "missing or unreadable")):
+        with pytest.raises(ModelNotPreparedError, match=reason) as err:
+            verify_checksums(bad)
+        assert err.value.code == "artifact_mismatch"
