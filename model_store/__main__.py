@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from model_store.prepare import prepare_default
-from model_store.registry import COMMITTED, REGISTRY, resolve, verify_model_dir
+from model_store.registry import COMMITTED, REGISTRY, resolve, verify_checksums, verify_model_dir
 from model_store.training import pipeline
 from model_store.training.errors import TrainingError
 from service.config import Settings
@@ -142,8 +142,9 @@ def _verify(settings: Settings) -> None:
                 checked.add(resolved.path)
             state = "ok"
         elif resolved.spec is not None and resolved.spec.source == COMMITTED:
+            verify_checksums(resolved.path)
             _check_committed(role, resolved.path)
-            state = "ok"
+            state = "ok (SHA256SUMS)"
         elif resolved.path is not None:
             state = "local directory, not checked"
         else:
