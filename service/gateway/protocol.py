@@ -139,6 +139,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError) as e:
             raise InvalidRequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # arrays or objects nested past the interpreter's recursion limit (about 1000 deep)
+            raise InvalidRequestError("the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
         try:

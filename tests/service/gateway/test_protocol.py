@@ -192,3 +192,11 @@ def test_reference_mode_refuses_a_control_it_does_not_have(settings, fields, par
     with pytest.raises(InvalidRequestError) as e:
         make(**fields).to_search_params(settings)
     assert e.value.param == param
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash():
+    depth = 100_000
+    body = ('{"model": "saffron-guard", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + "[" * depth + "]" * depth + "}").encode()
+    with pytest.raises(InvalidRequestError, match="nested too deeply") as err:
+        ChatCompletionRequest.from_json(body)
+    assert err.value.status_code == 400 and err.value.code == "invalid_json"
