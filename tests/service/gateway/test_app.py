@@ -6,6 +6,7 @@ stream, exactly as the protocol in service/queue/jobs.py describes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -19,11 +20,13 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config import Settings
 from service.gateway.app import create_app
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, Keys
+from service.redis_server import free_port, start_redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -430,3 +433,32 @@ def test_new_delta_text_keeps_only_what_extends_the_stream():
     assert new_delta_text("ab", delta_event("x", 1)) == ""  # disagrees: the final event has the answer
     assert new_delta_text("ab", delta_event("z", 5)) == ""  # a gap
     assert new_delta_text("ab", {"type": "delta", "text": "c"}) == "c"  # an older worker's event, no offset
+
+
+async def test_the_gateway_answers_503_while_redis_is_down_and_recovers_by_itself():
+    """No restart of the gateway: a request while Redis is down gets 503 queue_unavailable, the next one after it is
+    back goes through (issue 13, item 3)."""
+    port = free_port()
+    server = start_redis_server(port=port)
+    settings = Settings(redis_url=server.url, redis_prefix="down", redis_pool_timeout_s=2)
+    try:
+        async with running(settings) as gw:
+            server.stop()
+            resp = await gw.client.post("/v1/chat/completions", json=CHAT)
+            assert_openai_error(resp, 503, code="queue_unavailable")
+            server = start_redis_server(port=port)  # empty: no group, no heartbeat
+            with contextlib.suppress(RedisConnectionError):
+                await gw.redis.ping()  # the test's own client drops its dead connection
+            await gw.redis.xgroup_create(gw.keys.jobs, GROUP, id="0", mkstream=True)
+            await gw.heartbeat()
+
+            async def worker() -> None:
+                job = await gw.take_job()
+                await gw.send(job, final_event(FINAL))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker)
+                resp = await gw.client.post("/v1/chat/completions", json=CHAT)
+            assert resp.status_code == 200, resp.text
+    finally:
+        server.stop()
