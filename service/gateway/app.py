@@ -12,12 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
 from service.errors import InvalidRequestError, SaffronError
 from service.gateway.protocol import ChatCompletion, ErrorResponse, ModelList, validation_error
 from service.gateway.service import GatewayService
+from service.queue.keys import check_redis_version
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_url, decode_responses=True, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s
         )
         client = Redis(connection_pool=pool)
+        try:  # a server too old is refused at start; one that is down now is the 503s' business (it may come back)
+            logger.info("gateway: Redis %s", check_redis_version(await client.info("server")))
+        except RedisError as e:
+            logger.warning("gateway: Redis not reachable at start (%s); requests get 503 until it is", e)
         app.state.service = GatewayService(settings, client)
         try:
             yield

@@ -18,6 +18,18 @@ from dataclasses import dataclass
 GROUP = "workers"  # the consumer group every worker reads ``jobs`` with
 RESULT_TTL_S = 600  # result streams and cancel/done flags outlive a request by this much
 HEARTBEAT_TTL_S = 10  # a worker that has not refreshed its key for this long counts as dead
+# XAUTOCLAIM (worker takeover) came with Redis 6.2; Valkey reports the Redis version it is compatible with.
+MIN_REDIS_VERSION = (6, 2)
+
+
+def check_redis_version(server_info: dict) -> str:
+    """The server's version from ``INFO server``; raises RuntimeError below ``MIN_REDIS_VERSION`` (checked at start)."""
+    version = str(server_info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_REDIS_VERSION:
+        need = ".".join(map(str, MIN_REDIS_VERSION))
+        raise RuntimeError(f"the Redis server is version {version}; Saffron Guard needs {need} or newer (XAUTOCLAIM)")
+    return version + (f" (valkey {server_info['valkey_version']})" if "valkey_version" in server_info else "")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from service.config import Settings
 from service.errors import SaffronError
 from service.guard import Guard
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
-from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys
+from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys, check_redis_version
 from service.search.runner import Batch, SearchRun
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,15 @@ class Worker:
         self._last_heartbeat = 0.0
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
+        self._version_checked = False
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, *, install_signals: bool = True, max_loops: int | None = None) -> None:
         """Serve until stopped (SIGTERM/SIGINT, or ``max_loops`` iterations for tests)."""
+        if not self._version_checked:
+            logger.info("worker %s: Redis %s", self.id, check_redis_version(self.redis.info("server")))
+            self._version_checked = True
         self.ensure_group()
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)

@@ -105,3 +105,12 @@ def test_server_is_not_in_our_process_group():
     with start_redis_server() as server:
         pgid = int(subprocess.check_output(["ps", "-o", "pgid=", "-p", str(server.proc.pid)]).strip())
         assert pgid != os.getpgrp(), pgid
+
+
+def test_a_redis_server_too_old_for_xautoclaim_is_refused():
+    from service.queue.keys import check_redis_version
+
+    assert check_redis_version({"redis_version": "7.2.4", "valkey_version": "9.1.2"}) == "7.2.4 (valkey 9.1.2)"
+    assert check_redis_version({"redis_version": "6.2.0"}) == "6.2.0"
+    with pytest.raises(RuntimeError, match="needs 6.2 or newer"):
+        check_redis_version({"redis_version": "6.0.16"})
