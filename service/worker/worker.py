@@ -38,6 +38,13 @@ from service.search.runner import Batch, SearchRun
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 2.0
+# Claim the answer (SET NX on done) and publish it in one server-side step; 1 if this call published it.
+ANSWER_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 REDIS_BACKOFF_S = (0.2, 5.0)  # first and longest wait after a Redis error, doubling in between
 
 
@@ -98,6 +105,7 @@ class Worker:
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self._version_checked = False
+        self._answer_script = client.register_script(ANSWER_LUA)
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -368,8 +376,7 @@ class Worker:
                 "run_s": time.time() - a.started,
             }
         )
-        if self.claim_answer(a.job.id):
-            self.publish(a.job.id, event)
+        self.answer(a.job.id, event)
         metrics.SEARCH_SECONDS.labels(strategy).observe(time.time() - a.started)
         metrics.GENERATED_TOKENS.labels(strategy).inc(result.completion_tokens)
         metrics.REWARD_MODEL_CALLS.labels(strategy).inc(safety.reward_calls)
@@ -396,14 +403,27 @@ class Worker:
         """Shutdown grace is over: requeue unfinished jobs (same id, so clients keep waiting) and ack ours."""
         for a in list(self.active):
             self.batch.drop(a.entry_id)
-            self.redis.xadd(self.keys.jobs, {"job": a.job.dumps()})
-            self.retire(a, "handed_back")
+            # Requeue and acknowledge in one transaction: a crash in between neither loses the job nor runs it twice.
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xadd(self.keys.jobs, {"job": a.job.dumps()})
+            pipe.xack(self.keys.jobs, GROUP, a.entry_id)
+            pipe.xdel(self.keys.jobs, a.entry_id)
+            pipe.execute()
+            self.active.remove(a)
+            metrics.WORKER_JOBS.labels("handed_back").inc()
+            metrics.WORKER_BUSY.set(len(self.active))
             logger.warning("job %s handed back to the queue", a.job.id)
 
     # ------------------------------------------------------------------ helpers
-    def claim_answer(self, job_id: str) -> bool:
-        """True for exactly one worker per job: the one allowed to publish its final answer."""
-        return bool(self.redis.set(self.keys.done(job_id), self.id, nx=True, ex=RESULT_TTL_S))
+    def answer(self, job_id: str, event: dict) -> bool:
+        """Publish the job's final or error event if no worker has answered it yet — one atomic step (ANSWER_LUA).
+
+        The ``done`` flag and the event go together: a worker that dies between them can leave neither
+        a flag without an answer (the client would wait for nothing) nor an answer without the flag.
+        Returns True for the one worker whose answer was published.
+        """
+        keys = [self.keys.done(job_id), self.keys.result(job_id)]
+        return bool(self._answer_script(keys=keys, args=[self.id, RESULT_TTL_S, dumps_event(event)["event"]]))
 
     def publish(self, job_id: str, event: dict) -> None:
         key = self.keys.result(job_id)
@@ -413,8 +433,7 @@ class Worker:
         pipe.execute()
 
     def fail(self, entry_id: str, job: Job, event: dict, outcome: str, active: Active | None = None) -> None:
-        if self.claim_answer(job.id):
-            self.publish(job.id, event)
+        self.answer(job.id, event)
         if active is not None:
             if active.entry_id in self.batch.runs:
                 self.batch.drop(active.entry_id)

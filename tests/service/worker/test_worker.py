@@ -398,3 +398,12 @@ def test_a_step_that_fails_for_one_search_fails_only_that_job(guard, settings, c
     assert events(client, settings, good)[-1]["type"] == "final"
     last = events(client, settings, bad)[-1]
     assert (last["type"], last["status"], last["error"]["code"]) == ("error", 500, "search_failed"), last
+
+
+def test_a_job_is_answered_once_flag_and_event_together(guard, settings, client):
+    keys = Keys(settings.redis_prefix)
+    first, second = Worker(settings, guard, client, "a"), Worker(settings, guard, client, "b")
+    assert first.answer("j1", {"type": "final", "text": "one"}) is True
+    assert second.answer("j1", {"type": "final", "text": "two"}) is False
+    assert [json.loads(f["event"])["text"] for _, f in client.xrange(keys.result("j1"))] == ["one"]
+    assert client.get(keys.done("j1")) == "a" and 0 < client.ttl(keys.result("j1")) <= 600
