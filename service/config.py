@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     redis_pool_timeout_s: float = 10.0  # past it, a request that found no free connection gets 503
     served_model_name: str = "saffron-guard"  # the model id clients send; /v1/models lists it
     api_keys: str = ""  # comma-separated bearer tokens; empty: no authentication (development only)
+    # Per API key (or for everyone, without keys): a token bucket of search cost, budget x max_new_tokens per request.
+    rate_limit: float = 0.0  # cost per second; 0: no limit
+    rate_burst: float = 0.0  # the bucket's size; 0: 60 seconds' worth. A request costing more gets 400
     max_queue: int = 64  # queued + running jobs admitted; past it, 429 with Retry-After
     max_body_bytes: int = 1024 * 1024  # request bodies above this get 413
     request_timeout_s: float = 300.0  # job deadline; past it the gateway answers 504

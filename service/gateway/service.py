@@ -10,8 +10,10 @@ a client that went away, sets ``{p}:cancel:{job_id}`` so the worker stops the se
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
@@ -64,6 +66,21 @@ if depth >= tonumber(ARGV[1]) then return {0, depth} end
 redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 return {1, depth}
 """
+# A token bucket per API key, refilled at ARGV[1] per second up to ARGV[2], on the server's clock (TIME):
+# {1, 0} and the cost taken, or {0, seconds until the cost is available}.
+RATE_LUA = """
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = math.min(burst, (tonumber(b[1]) or burst) + (now - (tonumber(b[2]) or now)) * rate)
+local allowed = cost <= tokens
+if allowed then tokens = tokens - cost end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+if allowed then return {1, '0'} end
+return {0, tostring((cost - tokens) / rate)}
+"""
 CANCEL_WRITE_TIMEOUT_S = 2.0  # the cancel flag is written even while the request is being cancelled, but not forever
 
 
@@ -85,6 +102,7 @@ class GatewayService:
         self.settings = settings
         self.redis = redis
         self._admit_script = redis.register_script(ADMIT_LUA)
+        self._rate_script = redis.register_script(RATE_LUA)
         self.keys = Keys(settings.redis_prefix)
         self._api_keys = [k.encode() for k in settings.api_key_set]
         # The served name is what /v1/models lists; the policy's own name is accepted as an alias.
@@ -93,16 +111,39 @@ class GatewayService:
 
     # --- admission -----------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None) -> None:
-        """Raise AuthenticationError unless no keys are configured or the bearer token is one of them."""
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's identity for rate limits: a fingerprint of its API key (never the key), or "anonymous".
+
+        Raises AuthenticationError unless no keys are configured or the bearer token is one of them.
+        """
         if not self._api_keys:
-            return
+            return "anonymous"
         scheme, _, token = (authorization or "").partition(" ")
         given = token.strip().encode()
         # compare_digest on every key: the time taken does not tell which prefix matched.
         if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k) for k in self._api_keys]):
             raise AuthenticationError(
                 "invalid or missing API key; send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        return hashlib.sha256(given).hexdigest()[:16]
+
+    async def _rate_limit(self, caller: str, params) -> None:
+        """The caller's token bucket (RATE_LUA, on the server's clock): a request costs budget x max_new_tokens."""
+        rate = self.settings.rate_limit
+        if rate <= 0:
+            return
+        burst = self.settings.rate_burst or 60 * rate
+        cost = params.budget * params.max_new_tokens
+        if cost > burst:
+            raise InvalidRequestError(
+                f"this request costs {cost} (budget x max_tokens), more than the per-key burst of {burst:g} (SAFFRON_RATE_BURST)",
+                param="safety.budget", code="request_too_costly",
+            )
+        allowed, wait_s = await self._rate_script(keys=[self.keys.rate(caller)], args=[rate, burst, cost])
+        if not int(allowed):
+            raise OverloadedError(
+                f"rate limited: this API key may spend {rate:g} per second (budget x max_tokens), {burst:g} at once; retry later",
+                retry_after_s=max(1, math.ceil(float(wait_s))), code="rate_limited",
             )
 
     async def accept(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Admitted:
@@ -117,7 +158,7 @@ class GatewayService:
         """
         started, strategy = time.monotonic(), "unknown"
         try:
-            self.authenticate(headers.get("authorization"))
+            caller = self.authenticate(headers.get("authorization"))
             request = ChatCompletionRequest.from_json(await self._read_body(headers, body))
             self._check_model(request.model)
             params = request.to_search_params(self.settings)
@@ -131,6 +172,7 @@ class GatewayService:
                 model=request.model,
             )
             with self._redis_errors():
+                await self._rate_limit(caller, params)
                 await self._admit(job)
         except SaffronError as e:
             REQUESTS.labels(strategy, str(e.status_code)).inc()

@@ -7,6 +7,7 @@
 | ``{p}:cancel:{job_id}``          | string | gateway    | RESULT_TTL_S         | the client went away: stop the search        |
 | ``{p}:done:{job_id}``            | string | worker     | RESULT_TTL_S         | SET NX by the one worker that answers a job   |
 | ``{p}:worker:{worker_id}``       | string | worker     | HEARTBEAT_TTL_S      | heartbeat: a live worker (JSON status)       |
+| ``{p}:rate:{key_fingerprint}``   | hash   | gateway    | burst / rate + 1 s   | an API key's token bucket (SAFFRON_RATE_LIMIT) |
 
 ``{p}`` is ``Settings.redis_prefix`` (default ``saffron``), so several deployments can share a server.
 """
@@ -39,6 +40,10 @@ class Keys:
     @property
     def jobs(self) -> str:
         return f"{self.prefix}:jobs"
+
+    def rate(self, caller: str) -> str:
+        """A caller's token bucket (a hash; the caller is an API key's fingerprint, never the key)."""
+        return f"{self.prefix}:rate:{caller}"
 
     def result(self, job_id: str) -> str:
         return f"{self.prefix}:result:{job_id}"

@@ -462,3 +462,34 @@ async def test_the_gateway_answers_503_while_redis_is_down_and_recovers_by_itsel
             assert resp.status_code == 200, resp.text
     finally:
         server.stop()
+
+
+async def test_an_api_key_past_its_rate_gets_429_with_retry_after_and_another_key_does_not(make_settings):
+    """A token bucket per API key on the server's clock, weighted by budget x max_tokens (issue 13, item 5)."""
+    settings = make_settings(api_keys="alpha,beta", rate_limit=1.0, rate_burst=100.0)
+    async with running(settings) as gw:
+        body = {**CHAT, "max_tokens": 10, "safety": {"budget": 4}}  # costs 40
+
+        async def ask(key: str) -> httpx.Response:
+            async def worker() -> None:
+                job = await gw.take_job()
+                await gw.send(job, final_event(FINAL))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker)
+                resp = await gw.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+                if resp.status_code != 200:
+                    tg.cancel_scope.cancel()
+            return resp
+
+        assert (await ask("alpha")).status_code == 200
+        assert (await ask("alpha")).status_code == 200  # 80 of 100 spent
+        limited = await ask("alpha")
+        assert_openai_error(limited, 429, code="rate_limited")
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert (await ask("beta")).status_code == 200  # a bucket per key
+        keys = [k async for k in gw.redis.scan_iter(match=f"{settings.redis_prefix}:rate:*")]
+        assert len(keys) == 2 and not any("alpha" in k or "beta" in k for k in keys)  # fingerprints, never the keys
+        huge = await gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 64, "safety": {"budget": 8}},
+                                    headers={"Authorization": "Bearer beta"})
+        assert_openai_error(huge, 400, code="request_too_costly")
