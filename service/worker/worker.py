@@ -74,6 +74,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
+        self.worker.beat()  # the key exists before the first job is taken, not one interval later
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.worker.id}", daemon=True)
         self._thread.start()
         return self
@@ -101,7 +102,7 @@ class Worker:
         self.active: list[Active] = []
         self.batch = Batch()  # the active jobs' searches, keyed by stream entry id
         self.stopping = False
-        self._last_heartbeat = 0.0
+        self._last_refresh = 0.0
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self._version_checked = False
@@ -143,8 +144,8 @@ class Worker:
             loops += 1
             try:
                 now = time.monotonic()
-                if now - self._last_heartbeat >= self.beat_every_s:
-                    self.heartbeat()
+                if now - self._last_refresh >= self.beat_every_s:
+                    self.refresh_own_entries()
                 if self.stopping:
                     stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
                     if not self.active:
@@ -199,12 +200,6 @@ class Worker:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def heartbeat(self) -> None:
-        """On the main loop, between steps: the beat, then drop the jobs another worker took over."""
-        self.beat()
-        self.refresh_own_entries()
-        self._last_heartbeat = time.monotonic()
-
     def beat(self) -> None:
         """The heartbeat key, and the idle time of our own pending jobs reset (safe from the Heartbeat thread)."""
         status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
@@ -218,12 +213,13 @@ class Worker:
                 self.redis.xclaim(self.keys.jobs, GROUP, self.id, 0, owned, justid=True)
 
     def refresh_own_entries(self) -> None:
-        """Drop the jobs another worker took over (``beat`` keeps the idle time of the rest low).
+        """Drop the jobs another worker took over (``beat``, on the Heartbeat thread, keeps the rest ours).
 
-        If this process stalls longer than ``worker_claim_idle_s`` (its heartbeat thread too), another
-        worker claims our jobs; taking them back would make two workers run (and stream) the same
-        job, so the later owner keeps it.
+        On the main loop, between steps. If this process stalls longer than ``worker_claim_idle_s``
+        (its heartbeat thread too), another worker claims our jobs; taking them back would make two
+        workers run (and stream) the same job, so the later owner keeps it.
         """
+        self._last_refresh = time.monotonic()
         if not self.active:
             return
         pending = self.redis.xpending_range(self.keys.jobs, GROUP, min="-", max="+", count=len(self.active) + 16, consumername=self.id)
@@ -403,15 +399,7 @@ class Worker:
         """Shutdown grace is over: requeue unfinished jobs (same id, so clients keep waiting) and ack ours."""
         for a in list(self.active):
             self.batch.drop(a.entry_id)
-            # Requeue and acknowledge in one transaction: a crash in between neither loses the job nor runs it twice.
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xadd(self.keys.jobs, {"job": a.job.dumps()})
-            pipe.xack(self.keys.jobs, GROUP, a.entry_id)
-            pipe.xdel(self.keys.jobs, a.entry_id)
-            pipe.execute()
-            self.active.remove(a)
-            metrics.WORKER_JOBS.labels("handed_back").inc()
-            metrics.WORKER_BUSY.set(len(self.active))
+            self.retire(a, "handed_back", requeue=True)
             logger.warning("job %s handed back to the queue", a.job.id)
 
     # ------------------------------------------------------------------ helpers
@@ -443,14 +431,18 @@ class Worker:
             metrics.WORKER_JOBS.labels(outcome).inc()
         logger.info("job %s %s: %s", job.id, outcome, event["error"]["message"])
 
-    def retire(self, a: Active, outcome: str) -> None:
+    def retire(self, a: Active, outcome: str, *, requeue: bool = False) -> None:
         self.active.remove(a)
-        self.ack(a.entry_id)
+        self.ack(a.entry_id, requeue=a.job if requeue else None)
         metrics.WORKER_JOBS.labels(outcome).inc()
         metrics.WORKER_BUSY.set(len(self.active))
 
-    def ack(self, entry_id: str) -> None:
-        pipe = self.redis.pipeline()
+    def ack(self, entry_id: str, *, requeue: Job | None = None) -> None:
+        """Acknowledge and delete a job's entry; with ``requeue``, queue that job again in the same MULTI transaction
+        (hand-back: a crash in between neither loses the job nor runs it twice)."""
+        pipe = self.redis.pipeline(transaction=True)
+        if requeue is not None:
+            pipe.xadd(self.keys.jobs, {"job": requeue.dumps()})
         pipe.xack(self.keys.jobs, GROUP, entry_id)
         pipe.xdel(self.keys.jobs, entry_id)  # the stream's length is the queued + running count
         pipe.execute()

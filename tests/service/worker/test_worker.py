@@ -280,7 +280,7 @@ def test_a_job_taken_over_by_another_worker_is_dropped_not_taken_back(guard, set
     worker.run(install_signals=False, max_loops=2)
     (entry,) = [a.entry_id for a in worker.active]
     client.xclaim(keys.jobs, GROUP, "other", 0, [entry], justid=True)  # claimed while "slow" was busy
-    worker.heartbeat()
+    worker.refresh_own_entries()
     assert not worker.active
     (pending,) = client.xpending_range(keys.jobs, GROUP, min="-", max="+", count=5)
     assert pending["consumer"] == "other"
