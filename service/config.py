@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     # "replace": it replaces the operator's prompt (only for deployments that trust their clients).
     client_system_prompt: Literal["append", "replace"] = "append"
 
-    trie_cache_bytes: int = 2 * 1024**3  # per model; LRU eviction of unpinned nodes above this
+    trie_cache_bytes: int = 2 * 1024**3  # per model; LRU eviction of unpinned nodes above this; searches are admitted against it
+    # A worker forwards at most this many prompt tokens of long uncached prompts per step (chunked prefill), so one
+    # long prompt does not stall the other searches' rounds; 0 forwards a whole prompt in its first step.
+    prefill_chunk_tokens: int = 512
 
     # Serving (gateway + workers).
     redis_url: str | None = None  # None: `saffron-guard serve` starts a local Redis-compatible server

@@ -134,7 +134,17 @@ class Guard:
             )
         prm_prefix, prm_suffix = m.prm.layout(prompt)
         layout = RequestLayout(policy_prefix, m.mrm.template.prefix_ids(tok, prompt), prm_prefix, prm_suffix)
-        return SearchRun(m, layout, SearchContext(params, prefill_ids, m.eos_ids))
+        run = SearchRun(m, layout, SearchContext(params, prefill_ids, m.eos_ids))
+        for kind, need in run.cache_bytes_needed().items():
+            limit = m.engine(kind).cache.max_bytes
+            if need > limit:
+                run.close()
+                raise InvalidRequestError(
+                    f"this search needs up to {need / 2**20:.0f} MiB of {kind.value} KV cache (prompt + budget x max_tokens); "
+                    f"the limit is {limit / 2**20:.0f} MiB (SAFFRON_TRIE_CACHE_BYTES): lower safety.budget or max_tokens",
+                    param="safety.budget", code="cache_budget_exceeded",
+                )
+        return run
 
     def with_system_prompt(self, messages: list[dict]) -> list[dict]:
         """The operator's system prompt first: a client's system message is appended to it (``client_system_prompt``)."""

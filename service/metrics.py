@@ -40,4 +40,6 @@ TRIE_EVICTED_TOKENS = Counter("saffron_trie_evicted_tokens_total", "Tokens evict
 BATCH_ROWS = Histogram("saffron_batch_rows", "Sequences asked of a model per worker round (across requests)", ["model"], buckets=TOKEN_BUCKETS)
 WORKER_BUSY = Gauge("saffron_worker_busy", "Searches a worker is stepping right now")
 WORKER_JOBS = Counter("saffron_worker_jobs_total", "Jobs a worker finished, by outcome", ["outcome"])
+GATEWAY_REDIS_ERRORS = Counter("saffron_gateway_redis_errors_total", "Redis errors a waiting request survived (it retries until the deadline)", ["kind"])
+JOBS_REQUEUED = Counter("saffron_jobs_requeued_total", "Jobs a gateway queued again because the Redis server had lost them")
 WORKER_REDIS_ERRORS = Counter("saffron_worker_redis_errors_total", "Redis errors a worker survived (it retries with backoff)", ["kind"])

@@ -230,6 +230,17 @@ class CachedLM:
     def cached(self) -> bool:
         return True
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV one cached token holds (all layers, keys and values; the trie stores the model's dtype)."""
+        n_layers, n_heads, head_dim = model_geometry(self.model)
+        return n_layers * 2 * n_heads * head_dim * next(self.model.parameters()).element_size()
+
+    @property
+    def logits_bytes(self) -> int:
+        """Bytes of one node's last-token logits (a search frontier holds one per live sequence)."""
+        return self.model.config.get_text_config(decoder=True).vocab_size * next(self.model.parameters()).element_size()
+
     def last_logits(self, seqs: list[list[int]], pin: bool = False) -> tuple[torch.Tensor, list[TreeNode], CallStats]:
         """Logits after the last token of each sequence.
 

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import aclosing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -49,23 +49,28 @@ from service.gateway.protocol import (
     Usage,
     sse_data,
 )
-from service.metrics import QUEUE_DEPTH, REQUEST_LATENCY, REQUESTS, TIME_TO_FIRST_TOKEN
+from service.metrics import (
+    GATEWAY_REDIS_ERRORS,
+    JOBS_REQUEUED,
+    QUEUE_DEPTH,
+    REQUEST_LATENCY,
+    REQUESTS,
+    TIME_TO_FIRST_TOKEN,
+)
 from service.queue.jobs import Job, loads_event, new_delta_text
-from service.queue.keys import RESULT_TTL_S, Keys
+from service.queue.keys import GROUP, Keys, result_ttl_s
+from service.queue.scripts import ADMIT_LUA, ALIVE_LUA, REQUEUE_LUA
 from service.report import SafetyReport
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # Retry-After of a 429: a queue slot frees up when any job ends
+REDIS_BACKOFF_S = (0.2, 2.0)  # first and longest wait between retries of a waiting request's read after a Redis error
+REDIS_OUTAGE_S = 30.0  # a waiting request answers 503 once Redis has failed this long without a break
 POLL_S = 1.0  # XREAD BLOCK slice; below redis-py's 5 s socket timeout, and how often a waiting client is checked
-ALIVE_CACHE_S = 1.0  # a seen heartbeat is trusted this long (a heartbeat key lives HEARTBEAT_TTL_S)
-# The queue bound and the enqueue in one server-side step: concurrent requests cannot overshoot max_queue.
-ADMIT_LUA = """
-local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[1]) then return {0, depth} end
-redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
-return {1, depth}
-"""
+ALIVE_CACHE_S = 1.0  # a live worker seen is trusted this long (a heartbeat lives HEARTBEAT_TTL_S)
+NO_WORKER_CACHE_S = 0.25  # "no live worker" is trusted this long: an outage costs one lookup per interval, not per request
+LOST_CHECK_S = 2.0  # how often a waiting request checks that its job still exists (a Redis restart can lose it)
 # A token bucket per API key, refilled at ARGV[1] per second up to ARGV[2], on the server's clock (TIME):
 # {1, 0} and the cost taken, or {0, seconds until the cost is available}.
 RATE_LUA = """
@@ -92,7 +97,10 @@ class Admitted:
     job: Job
     strategy: str  # metric label
     started: float  # time.monotonic() when the request arrived
+    deadline: float  # time.monotonic() past which the gateway answers 504 (the worker uses the server-clock one)
+    server_deadline: str = ""  # the job's deadline on the Redis server's clock, as its queue entry carries it
     first_token_seen: bool = False
+    requeued: int = 0  # times this gateway queued the job again because the server had lost it
 
 
 class GatewayService:
@@ -102,12 +110,15 @@ class GatewayService:
         self.settings = settings
         self.redis = redis
         self._admit_script = redis.register_script(ADMIT_LUA)
+        self._alive_script = redis.register_script(ALIVE_LUA)
+        self._requeue_script = redis.register_script(REQUEUE_LUA)
         self._rate_script = redis.register_script(RATE_LUA)
         self.keys = Keys(settings.redis_prefix)
         self._api_keys = [k.encode() for k in settings.api_key_set]
         # The served name is what /v1/models lists; the policy's own name is accepted as an alias.
         self._model_names = {settings.served_model_name, settings.policy_model}
         self._alive_until = 0.0
+        self._dead_until = 0.0
 
     # --- admission -----------------------------------------------------------------------
 
@@ -173,12 +184,12 @@ class GatewayService:
             )
             with self._redis_errors():
                 await self._rate_limit(caller, params)
-                await self._admit(job)
+                server_deadline = await self._admit(job)
         except SaffronError as e:
             REQUESTS.labels(strategy, str(e.status_code)).inc()
             raise
         logger.info("job %s queued: strategy=%s stream=%s", job.id, strategy, request.stream)
-        return Admitted(request, job, strategy, started)
+        return Admitted(request, job, strategy, started, started + self.settings.request_timeout_s, server_deadline)
 
     async def _read_body(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> bytes:
         limit = self.settings.max_body_bytes
@@ -205,28 +216,59 @@ class GatewayService:
                 code="model_not_found",
             )
 
-    async def _admit(self, job: Job) -> None:
-        """Queue ``job`` if a worker lives and fewer than ``max_queue`` jobs are queued or running — one atomic step."""
+    async def _admit(self, job: Job) -> str:
+        """Queue ``job`` if a worker lives and fewer than ``max_queue`` jobs are queued or running — one atomic step.
+
+        Returns the job's deadline on the Redis server's clock, as its queue entry carries it.
+        """
         if not await self.worker_alive():
             raise ServiceUnavailableError(
                 "no live worker: start one with `saffron-guard worker` (or `saffron-guard serve`)", code="no_worker"
             )
-        admitted, depth = await self._admit_script(keys=[self.keys.jobs], args=[self.settings.max_queue, job.dumps()])
-        if not admitted:
+        timeout = self.settings.request_timeout_s
+        reply = await self._admit_script(
+            keys=[self.keys.jobs, self.keys.entry(job.id)], args=[self.settings.max_queue, job.dumps(), timeout, result_ttl_s(timeout)]
+        )
+        if not int(reply[0]):
             raise OverloadedError(
-                f"overloaded: {depth} jobs are queued or running (limit {self.settings.max_queue}); retry later",
+                f"overloaded: {reply[1]} jobs are queued or running (limit {self.settings.max_queue}); retry later",
                 retry_after_s=RETRY_AFTER_S,
             )
+        return str(reply[3])
 
-    async def worker_alive(self) -> bool:
-        """True if some worker's heartbeat key exists (positive answers are cached ALIVE_CACHE_S)."""
-        if time.monotonic() < self._alive_until:
+    async def worker_alive(self, *, fresh: bool = False) -> bool:
+        """True if the live-worker set has a member whose heartbeat has not expired on the server's clock.
+
+        One O(log n) lookup, never a keyspace scan; a live answer is cached ALIVE_CACHE_S, "none" NO_WORKER_CACHE_S
+        (``fresh`` skips the cache: readiness probes ask rarely and want the truth).
+        """
+        now = time.monotonic()
+        if now < self._alive_until and not fresh:
             return True
-        async with aclosing(self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)) as keys:
-            async for _ in keys:
-                self._alive_until = time.monotonic() + ALIVE_CACHE_S
-                return True
-        return False
+        if now < self._dead_until and not fresh:
+            return False
+        alive = int(await self._alive_script(keys=[self.keys.workers])) > 0
+        if alive:
+            self._alive_until = time.monotonic() + ALIVE_CACHE_S
+        else:
+            self._dead_until = time.monotonic() + NO_WORKER_CACHE_S
+        return alive
+
+    async def _requeue_if_lost(self, admitted: Admitted) -> None:
+        """Queue the job again if the server no longer has it: not answered, not under a live entry (REQUEUE_LUA).
+
+        A Redis server restarted without its data has lost the queued and running jobs; the gateway, which still
+        holds the request, is the one that can put it back. A worker that lost its group does the same for the
+        jobs it ran, and the script lets only the first of them queue it.
+        """
+        job = admitted.job
+        keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
+        remaining = admitted.deadline - time.monotonic()
+        args = ["", job.dumps(), admitted.server_deadline, result_ttl_s(remaining), GROUP]
+        if int(await self._requeue_script(keys=keys, args=args)):
+            admitted.requeued += 1
+            JOBS_REQUEUED.inc()
+            logger.warning("job %s queued again: the Redis server had lost it (a restart without its data?)", job.id)
 
     # --- answers -------------------------------------------------------------------------
 
@@ -310,8 +352,9 @@ class GatewayService:
             ClientDisconnectedError: ``is_disconnected`` said the client left; the cancel flag is set.
         """
         job, key, last = admitted.job, self.keys.result(admitted.job.id), "0-0"
+        next_check, backoff, failing_since = time.monotonic() + LOST_CHECK_S, 0.0, None
         while True:
-            remaining = job.deadline - time.time()
+            remaining = admitted.deadline - time.monotonic()
             if remaining <= 0:
                 await self.cancel(job.id)
                 raise GatewayTimeoutError(
@@ -320,8 +363,25 @@ class GatewayService:
             if is_disconnected is not None and await is_disconnected():
                 await self.cancel(job.id)
                 raise ClientDisconnectedError("the client disconnected")
-            with self._redis_errors():
+            try:
                 reply = await self.redis.xread({key: last}, block=max(1, int(min(remaining, POLL_S) * 1000)), count=64)
+                if not reply and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + LOST_CHECK_S
+                    await self._requeue_if_lost(admitted)
+                backoff, failing_since = 0.0, None
+            except RedisError as e:
+                # A restart or a blip: keep waiting; once the server answers, check that the job is still there.
+                GATEWAY_REDIS_ERRORS.labels(type(e).__name__).inc()
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= REDIS_OUTAGE_S:
+                    raise ServiceUnavailableError(
+                        f"the job queue has been unreachable for {REDIS_OUTAGE_S:g} s: {e}", code="queue_unavailable"
+                    ) from e
+                backoff = min(REDIS_BACKOFF_S[1], max(REDIS_BACKOFF_S[0], backoff * 2))
+                logger.warning("job %s: Redis error while waiting (%s); retrying in %.1fs", job.id, e, backoff)
+                await anyio.sleep(min(backoff, max(0.0, admitted.deadline - time.monotonic())))
+                next_check = 0.0
+                continue
             streams = reply.items() if isinstance(reply, dict) else (reply or [])
             for _stream, entries in streams:
                 for entry_id, fields in entries:
@@ -345,7 +405,7 @@ class GatewayService:
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CANCEL_WRITE_TIMEOUT_S
             try:
-                await self.redis.set(self.keys.cancel(job_id), "1", ex=RESULT_TTL_S)
+                await self.redis.set(self.keys.cancel(job_id), "1", ex=result_ttl_s(self.settings.request_timeout_s))
             except RedisError:
                 logger.exception("job %s: could not set the cancel flag", job_id)
 
@@ -389,8 +449,8 @@ class GatewayService:
         """None when Redis answers PING and a worker heartbeat exists; else why not."""
         try:
             await self.redis.ping()
-            if not await self.worker_alive():
-                return f"no live worker (no {self.keys.worker_pattern} heartbeat key)"
+            if not await self.worker_alive(fresh=True):
+                return f"no live worker (none with an unexpired heartbeat in {self.keys.workers})"
         except RedisError as e:
             return f"redis unreachable: {e}"
         return None

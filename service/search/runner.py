@@ -25,6 +25,13 @@ from service.search.sampling import best_of_n, unguarded
 
 STRATEGY_FNS = {"none": unguarded, "best_of_n": best_of_n, "beam_prm": beam_prm, "saffron": saffron}
 assert tuple(STRATEGY_FNS) == STRATEGIES, "service.search.params.STRATEGIES names the strategies, in this order"
+# The cached engines each strategy runs (the judge has no cache).
+STRATEGY_ENGINES = {
+    "none": (ModelKind.POLICY,),
+    "best_of_n": (ModelKind.POLICY,),
+    "beam_prm": (ModelKind.POLICY, ModelKind.PRM),
+    "saffron": (ModelKind.POLICY, ModelKind.MRM),
+}
 
 
 @dataclass
@@ -77,12 +84,69 @@ class SearchRun:
         self.stats = SearchStats()
         self._prefixes = PrefixCounter()
         self._pinned: dict[str, list] = {}  # call kind -> trie nodes of its latest call
+        self._warm: dict[ModelKind, list] = {}  # kind -> the node a chunked prefill pinned, until the first call pins its own
         self._t0 = time.perf_counter()
         self.pending: list[Call] | None = None
         self.decision: Decision | None = None
 
     def start(self) -> None:
         self.pending = next(self.gen)
+
+    def cache_bytes_needed(self) -> dict[ModelKind, int]:
+        """An upper bound of the trie bytes this search pins at once, per cached engine it runs.
+
+        Its prompt, plus ``budget`` sequences of up to max_new_tokens each (the live branches share the
+        prompt and often more), plus one frontier logits vector per branch. The worker starts a search
+        only when the bounds of all its running searches fit in each engine's budget (``trie_cache_bytes``).
+        """
+        p = self.ctx.params
+        width = 1 if p.strategy == "none" else p.budget
+        need = {}
+        for kind in STRATEGY_ENGINES[p.strategy]:
+            engine = self.models.engine(kind)
+            if not engine.cached:
+                continue
+            prompt = len(self.layout.inputs(kind, [self.ctx.prefill_ids])[0])
+            need[kind] = (prompt + width * p.max_new_tokens) * engine.kv_bytes_per_token + width * engine.logits_bytes
+        return need
+
+    def prefill_chunk(self, max_tokens: int) -> int:
+        """Chunked prefill: forward the next ``max_tokens`` of the prompts the first call needs, while more than that
+        is uncached; returns the tokens forwarded (0: the rest fits in one ordinary step, so the run can join it).
+
+        The chunk stays pinned until the run's first call pins its own nodes, so it is not evicted meanwhile. A long
+        prompt then costs several bounded steps of the worker, interleaved with the other searches' rounds,
+        instead of one step as long as the whole prompt.
+        """
+        assert self.pending is not None, "start the run first"
+        forwarded = 0
+        for call in self.pending:
+            engine = self.models.engine(call.kind)
+            if not engine.cached:
+                continue
+            seq = common_prefix(self.layout.inputs(call.kind, call.responses))
+            _, cached = engine.cache.match_prefix(seq)
+            room = max_tokens - forwarded
+            if len(seq) - cached <= room:
+                continue
+            _, nodes, cs = engine.last_logits([seq[: cached + room]], pin=True)
+            engine.unpin(self._warm.get(call.kind) or [])
+            self._warm[call.kind] = nodes
+            # Cost only: the first call counts the prompt's reuse and its queries as every search does.
+            self.stats.flops_estimate += 2.0 * self.models.parameters(call.kind) * cs.forwarded_tokens
+            if call.kind == ModelKind.POLICY:
+                self.stats.policy_forward_tokens += cs.forwarded_tokens
+            else:
+                self.stats.reward_forward_tokens += cs.forwarded_tokens
+            forwarded += cs.forwarded_tokens
+            if forwarded >= max_tokens:
+                break
+        return forwarded
+
+    def _release_warm(self) -> None:
+        for kind, nodes in self._warm.items():
+            self.models.engine(kind).unpin(nodes or [])
+        self._warm = {}
 
     def accept(self, call: Call, seqs: list[list[int]], logits: torch.Tensor, nodes: list, cs: CallStats) -> torch.Tensor:
         """Take this run's rows of a (possibly merged) model call: pin them, count them, post-process."""
@@ -98,6 +162,7 @@ class SearchRun:
     def feed(self, results: list[torch.Tensor]) -> bool:
         """Send results of the pending calls; returns True when the search has finished."""
         self.stats.steps += 1
+        self._release_warm()  # the first call has pinned what the chunked prefill held
         try:
             self.pending = self.gen.send(results)
             return False
@@ -127,6 +192,7 @@ class SearchRun:
         for kind, nodes in self._pinned.items():
             self.models.engine(kind).unpin(nodes)
         self._pinned = {}
+        self._release_warm()
         self.gen.close()
         self.stats.distinct_trie_nodes = self._prefixes.count
         self.stats.wall_s = time.perf_counter() - self._t0
@@ -192,8 +258,11 @@ class Batch:
     a job's stream entry id); a finished run leaves the batch closed, its pins released.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefill_chunk_tokens: int = 0) -> None:
         self.runs: dict[Hashable, SearchRun] = {}
+        # Per step, at most this many prompt tokens of runs still prefilling (0: a run's whole prompt in its first step).
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._prefilling: set[Hashable] = set()  # runs whose prompts are still being forwarded chunk by chunk
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -207,19 +276,36 @@ class Batch:
             run.close()
             raise
         self.runs[key] = run
+        if self.prefill_chunk_tokens > 0:
+            self._prefilling.add(key)
 
     def drop(self, key: Hashable) -> SearchRun:
         """Stop one run before it finishes (cancelled, timed out, taken over): its pins are released."""
         run = self.runs.pop(key)
+        self._prefilling.discard(key)
         run.close()
         return run
+
+    def _prefill(self) -> list[SearchRun]:
+        """Forward the next chunks of prompts still prefilling, up to ``prefill_chunk_tokens`` in all (oldest first);
+        returns the runs ready for a search round: those whose prompts fit in what is left of an ordinary step."""
+        room = self.prefill_chunk_tokens
+        for key in [k for k in self.runs if k in self._prefilling]:
+            if room <= 0:
+                break
+            forwarded = self.runs[key].prefill_chunk(room)
+            if forwarded == 0:
+                self._prefilling.discard(key)
+            room -= forwarded
+        return [run for key, run in self.runs.items() if key not in self._prefilling]
 
     def step(self) -> list[tuple[Hashable, SearchRun]]:
         """One round of every run (``step_runs``); returns the finished ones, closed and out of the batch, in the order added.
 
+        With ``prefill_chunk_tokens``, runs whose prompts are still long and uncached forward one chunk instead.
         If a model call raises, the runs stay in the batch: the caller drops or closes them.
         """
-        finished = {id(r) for r in step_runs(list(self.runs.values()))}
+        finished = {id(r) for r in step_runs(self._prefill())}
         done = [(key, run) for key, run in self.runs.items() if id(run) in finished]
         for key, run in done:
             del self.runs[key]
@@ -243,6 +329,7 @@ class Batch:
                 continue
             if done:
                 del self.runs[key]
+                self._prefilling.discard(key)
                 run.close()
                 finished.append((key, run))
         return finished, failed
@@ -261,3 +348,4 @@ class Batch:
         for run in self.runs.values():
             run.close()
         self.runs.clear()
+        self._prefilling.clear()

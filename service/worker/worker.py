@@ -32,19 +32,13 @@ from service.config import Settings
 from service.errors import SaffronError
 from service.guard import Guard
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
-from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_TTL_S, Keys, check_redis_version
+from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_GRACE_S, Keys, check_redis_version, result_ttl_s
+from service.queue.scripts import ANSWER_LUA, BEAT_LUA, REQUEUE_LUA
 from service.search.runner import Batch, SearchRun
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 2.0
-# Claim the answer (SET NX on done) and publish it in one server-side step; 1 if this call published it.
-ANSWER_LUA = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
 REDIS_BACKOFF_S = (0.2, 5.0)  # first and longest wait after a Redis error, doubling in between
 
 
@@ -54,8 +48,10 @@ class Active:
 
     entry_id: str  # id of the job's entry in the jobs stream
     job: Job
-    run: SearchRun  # in the worker's Batch under entry_id until it finishes or is dropped
+    run: SearchRun  # in the worker's Batch under entry_id from its start until it finishes or is dropped
+    need: dict = field(default_factory=dict)  # ModelKind -> the trie bytes the search may pin (SearchRun.cache_bytes_needed)
     started: float = field(default_factory=time.time)
+    in_batch: bool = False  # False while it waits for trie memory that running searches hold
     streamed_text: str = ""  # committed answer text already sent as deltas
 
 
@@ -100,13 +96,16 @@ class Worker:
         self.keys = Keys(settings.redis_prefix)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.active: list[Active] = []
-        self.batch = Batch()  # the active jobs' searches, keyed by stream entry id
+        self.batch = Batch(settings.prefill_chunk_tokens)  # the active jobs' searches, keyed by stream entry id
         self.stopping = False
         self._last_refresh = 0.0
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self._version_checked = False
         self._answer_script = client.register_script(ANSWER_LUA)
+        self._beat_script = client.register_script(BEAT_LUA)
+        self._requeue_script = client.register_script(REQUEUE_LUA)
+        self.clock_offset = 0.0  # the Redis server's clock minus ours, measured by every heartbeat
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -125,7 +124,10 @@ class Worker:
                 self._serve(max_loops)
         finally:
             try:
-                self.redis.delete(self.keys.worker(self.id))
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zrem(self.keys.workers, self.id)
+                pipe.delete(self.keys.worker(self.id))
+                pipe.execute()
             except redis.RedisError:
                 logger.warning("worker %s: could not remove its heartbeat key (Redis unreachable); it expires", self.id)
             metrics.WORKER_BUSY.set(0)
@@ -170,7 +172,8 @@ class Worker:
 
         A server that lost its data (the shipped Valkey keeps nothing on disk) answers NOGROUP: the
         group is created again and every active job is queued again under the same id, so its
-        client, still waiting on the job's result stream, gets the answer of the rerun.
+        client, still waiting on the job's result stream, gets the answer of the rerun. Its gateway
+        may have queued it again first; REQUEUE_LUA lets only one of them do it.
         """
         lost = "NOGROUP" in str(error)
         metrics.WORKER_REDIS_ERRORS.labels("lost_group" if lost else type(error).__name__).inc()
@@ -181,10 +184,10 @@ class Worker:
         try:
             self.ensure_group()
             for a in list(self.active):
-                self.batch.drop(a.entry_id)
+                self.drop(a)
                 self.active.remove(a)
-                self.redis.xadd(self.keys.jobs, {"job": a.job.dumps()})
-                logger.warning("job %s queued again: Redis lost the jobs stream", a.job.id)
+                if self.requeue(a.job, old_entry_id=""):
+                    logger.warning("job %s queued again: Redis lost the jobs stream", a.job.id)
             metrics.WORKER_BUSY.set(len(self.active))
         except redis.RedisError as again:
             logger.warning("worker %s: Redis still failing (%s)", self.id, again)
@@ -201,9 +204,12 @@ class Worker:
                 raise
 
     def beat(self) -> None:
-        """The heartbeat key, and the idle time of our own pending jobs reset (safe from the Heartbeat thread)."""
+        """The heartbeat (live set + status key, BEAT_LUA), the clock offset, and the idle time of our own pending
+        jobs reset (safe from the Heartbeat thread)."""
         status = {"id": self.id, "pid": os.getpid(), "active": len(self.active), "stopping": self.stopping, "time": time.time()}
-        self.redis.set(self.keys.worker(self.id), json.dumps(status), ex=HEARTBEAT_TTL_S)
+        sent = time.time()
+        server_now = float(self._beat_script(keys=[self.keys.workers, self.keys.worker(self.id)], args=[self.id, json.dumps(status), HEARTBEAT_TTL_S]))
+        self.clock_offset = server_now - (sent + time.time()) / 2
         ours = [a.entry_id for a in list(self.active)]  # a copy: the main loop may change the list meanwhile
         if ours:
             pending = self.redis.xpending_range(self.keys.jobs, GROUP, min="-", max="+", count=len(ours) + 16, consumername=self.id)
@@ -226,7 +232,7 @@ class Worker:
         owned = {entry["message_id"] for entry in pending}
         for a in [a for a in self.active if a.entry_id not in owned]:
             logger.warning("job %s was taken over by another worker; dropping our copy", a.job.id)
-            self.batch.drop(a.entry_id)
+            self.drop(a)
             self.active.remove(a)
             metrics.WORKER_JOBS.labels("lost").inc()
         metrics.WORKER_BUSY.set(len(self.active))
@@ -287,13 +293,13 @@ class Worker:
         if self.redis.exists(self.keys.done(job.id)) or self.redis.exists(self.keys.cancel(job.id)):
             self.ack(entry_id)  # answered by another worker, or nobody waits for it any more
             return
-        if job.deadline and time.time() > job.deadline:
+        job.deadline = float(fields.get("deadline") or job.deadline)  # the entry's is on the server's clock
+        if job.deadline and self.server_time() > job.deadline:
             self.fail(entry_id, job, error_event(504, "the request timed out in the queue", type_="timeout", code="timeout"), "timeout")
             return
         try:
             params = self.guard.job_params(job.params)
             run = self.guard.prepare(job.messages, params)
-            self.batch.add(entry_id, run)
         except SaffronError as e:
             self.fail(entry_id, job, error_event(e.status_code, e.message, type_=e.error_type, param=e.param, code=e.code), "error")
             return
@@ -305,7 +311,7 @@ class Worker:
             self.fail(entry_id, job, error_event(500, "internal error while preparing the request", code="prepare_failed"), "error")
             return
         metrics.QUEUE_WAIT.labels(params.strategy).observe(max(0.0, time.time() - job.created))
-        active = Active(entry_id, job, run)
+        active = Active(entry_id, job, run, run.cache_bytes_needed())
         if job.stream:  # a job taken over from a dead worker may have streamed part of its text already
             for _, f in self.redis.xrange(self.keys.result(job.id)):
                 event = json.loads(f["event"])
@@ -313,7 +319,30 @@ class Worker:
                     active.streamed_text += new_delta_text(active.streamed_text, event)
         self.active.append(active)
         metrics.WORKER_BUSY.set(len(self.active))
-        logger.info("job %s started: strategy=%s budget=%d queue_wait=%.2fs", job.id, params.strategy, params.budget, time.time() - job.created)
+        logger.info("job %s taken: strategy=%s budget=%d queue_wait=%.2fs", job.id, params.strategy, params.budget, time.time() - job.created)
+        self.start_waiting()
+
+    def start_waiting(self) -> None:
+        """Start taken jobs, oldest first, while their trie bounds fit beside the running ones' in every engine's budget.
+
+        The bound of one search alone was checked by ``Guard.prepare``; the oldest waiting job starts whenever
+        nothing runs, and none overtakes it, so a large one is never starved by small ones behind it.
+        """
+        for a in self.active:
+            if a.in_batch:
+                continue
+            running = [b for b in self.active if b.in_batch]
+            held = {kind: sum(b.need.get(kind, 0) for b in running) for kind in a.need}
+            if running and any(held[kind] + need > self.guard.models.engine(kind).cache.max_bytes for kind, need in a.need.items()):
+                logger.info("job %s waits for trie memory: %d search(es) hold it", a.job.id, len(running))
+                return
+            try:
+                self.batch.add(a.entry_id, a.run)
+            except Exception:
+                logger.exception("job %s could not be started", a.job.id)
+                self.fail(a.entry_id, a.job, error_event(500, "internal error while starting the search", code="start_failed"), "error", a)
+                return self.start_waiting()
+            a.in_batch = True
 
     # ------------------------------------------------------------------ running
     def step(self) -> None:
@@ -340,8 +369,9 @@ class Worker:
                     logger.exception("job %s: building the answer failed", a.job.id)
                     if a in self.active:
                         self.fail(a.entry_id, a.job, error_event(500, "internal error while answering", code="answer_failed"), "error", a)
-            elif a.job.stream and not self.settings.fail_closed_on:
+            elif a.in_batch and a.job.stream and not self.settings.fail_closed_on:
                 self.stream_committed(a)
+        self.start_waiting()  # what finished has freed its trie memory
 
     def stream_committed(self, a: Active) -> None:
         """Send text that every search node agrees on; it cannot change any more."""
@@ -350,7 +380,7 @@ class Worker:
             return  # a multi-byte character is still incomplete
         # Decoding more tokens can re-space earlier text; send only clean extensions, the final event has the rest.
         if text.startswith(a.streamed_text) and len(text) > len(a.streamed_text):
-            self.publish(a.job.id, delta_event(text[len(a.streamed_text) :], offset=len(a.streamed_text)))
+            self.publish(a.job, delta_event(text[len(a.streamed_text) :], offset=len(a.streamed_text)))
             a.streamed_text = text
 
     def finish(self, a: Active) -> None:
@@ -372,7 +402,7 @@ class Worker:
                 "run_s": time.time() - a.started,
             }
         )
-        self.answer(a.job.id, event)
+        self.answer(a.job, event)
         metrics.SEARCH_SECONDS.labels(strategy).observe(time.time() - a.started)
         metrics.GENERATED_TOKENS.labels(strategy).inc(result.completion_tokens)
         metrics.REWARD_MODEL_CALLS.labels(strategy).inc(safety.reward_calls)
@@ -386,11 +416,11 @@ class Worker:
         if not self.active:
             return
         cancelled = self.redis.mget([self.keys.cancel(a.job.id) for a in self.active])
-        now = time.time()
+        now = self.server_time()
         for a, flag in zip(list(self.active), cancelled):
             if flag is not None:
                 logger.info("job %s cancelled by the client", a.job.id)
-                self.batch.drop(a.entry_id)
+                self.drop(a)
                 self.retire(a, "cancelled")
             elif a.job.deadline and now > a.job.deadline:
                 self.fail(a.entry_id, a.job, error_event(504, "the search ran past the request deadline", type_="timeout", code="timeout"), "timeout", a)
@@ -398,33 +428,56 @@ class Worker:
     def hand_back_all(self) -> None:
         """Shutdown grace is over: requeue unfinished jobs (same id, so clients keep waiting) and ack ours."""
         for a in list(self.active):
-            self.batch.drop(a.entry_id)
+            self.drop(a)
             self.retire(a, "handed_back", requeue=True)
             logger.warning("job %s handed back to the queue", a.job.id)
 
     # ------------------------------------------------------------------ helpers
-    def answer(self, job_id: str, event: dict) -> bool:
+    def drop(self, a: Active) -> None:
+        """Stop a job's search (or close its run that never started); its pins are released."""
+        if a.entry_id in self.batch.runs:
+            self.batch.drop(a.entry_id)
+        else:
+            a.run.close()
+
+    def server_time(self) -> float:
+        """Now on the Redis server's clock, which job deadlines are on (the offset comes from the heartbeat)."""
+        return time.time() + self.clock_offset
+
+    def ttl_s(self, job: Job) -> int:
+        """TTL of a job's result stream and flags: past its deadline by RESULT_GRACE_S."""
+        if not job.deadline:
+            return int(self.settings.request_timeout_s) + RESULT_GRACE_S
+        return result_ttl_s(job.deadline - self.server_time())
+
+    def requeue(self, job: Job, *, old_entry_id: str) -> bool:
+        """Queue ``job`` again (same id) unless it is answered or queued already, dropping ``old_entry_id`` in the
+        same step (REQUEUE_LUA); True if this call queued it."""
+        keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
+        args = [old_entry_id, job.dumps(), f"{job.deadline:.3f}", self.ttl_s(job), GROUP]
+        return bool(self._requeue_script(keys=keys, args=args))
+
+    def answer(self, job: Job, event: dict) -> bool:
         """Publish the job's final or error event if no worker has answered it yet — one atomic step (ANSWER_LUA).
 
         The ``done`` flag and the event go together: a worker that dies between them can leave neither
         a flag without an answer (the client would wait for nothing) nor an answer without the flag.
         Returns True for the one worker whose answer was published.
         """
-        keys = [self.keys.done(job_id), self.keys.result(job_id)]
-        return bool(self._answer_script(keys=keys, args=[self.id, RESULT_TTL_S, dumps_event(event)["event"]]))
+        keys = [self.keys.done(job.id), self.keys.result(job.id)]
+        return bool(self._answer_script(keys=keys, args=[self.id, self.ttl_s(job), dumps_event(event)["event"]]))
 
-    def publish(self, job_id: str, event: dict) -> None:
-        key = self.keys.result(job_id)
+    def publish(self, job: Job, event: dict) -> None:
+        key = self.keys.result(job.id)
         pipe = self.redis.pipeline()
         pipe.xadd(key, dumps_event(event))
-        pipe.expire(key, RESULT_TTL_S)
+        pipe.expire(key, self.ttl_s(job))
         pipe.execute()
 
     def fail(self, entry_id: str, job: Job, event: dict, outcome: str, active: Active | None = None) -> None:
-        self.answer(job.id, event)
+        self.answer(job, event)
         if active is not None:
-            if active.entry_id in self.batch.runs:
-                self.batch.drop(active.entry_id)
+            self.drop(active)
             self.retire(active, outcome)
         else:
             self.ack(entry_id)
@@ -432,17 +485,19 @@ class Worker:
         logger.info("job %s %s: %s", job.id, outcome, event["error"]["message"])
 
     def retire(self, a: Active, outcome: str, *, requeue: bool = False) -> None:
+        """Stop tracking a job and drop its entry; with ``requeue``, queue it again in the same step (hand-back: a
+        crash in between neither loses the job nor runs it twice)."""
         self.active.remove(a)
-        self.ack(a.entry_id, requeue=a.job if requeue else None)
+        if requeue:
+            self.requeue(a.job, old_entry_id=a.entry_id)
+        else:
+            self.ack(a.entry_id)
         metrics.WORKER_JOBS.labels(outcome).inc()
         metrics.WORKER_BUSY.set(len(self.active))
 
-    def ack(self, entry_id: str, *, requeue: Job | None = None) -> None:
-        """Acknowledge and delete a job's entry; with ``requeue``, queue that job again in the same MULTI transaction
-        (hand-back: a crash in between neither loses the job nor runs it twice)."""
+    def ack(self, entry_id: str) -> None:
+        """Acknowledge and delete a job's entry."""
         pipe = self.redis.pipeline(transaction=True)
-        if requeue is not None:
-            pipe.xadd(self.keys.jobs, {"job": requeue.dumps()})
         pipe.xack(self.keys.jobs, GROUP, entry_id)
         pipe.xdel(self.keys.jobs, entry_id)  # the stream's length is the queued + running count
         pipe.execute()

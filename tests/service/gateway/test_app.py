@@ -26,6 +26,7 @@ from service.config import Settings
 from service.gateway.app import create_app
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, Keys
+from service.queue.scripts import REQUEUE_LUA
 from service.redis_server import free_port, start_redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -51,7 +52,8 @@ class Gateway:
     app: object
 
     async def heartbeat(self) -> None:
-        await self.redis.set(self.keys.worker("hand"), json.dumps({"busy": 0}), ex=HEARTBEAT_TTL_S)
+        """Play a live worker: a member of the live set, scored by its expiry (this machine runs the server too)."""
+        await self.redis.zadd(self.keys.workers, {"hand": time.time() + HEARTBEAT_TTL_S})
 
     async def take_job(self) -> Job:
         """Play the worker: claim the next job from the consumer group."""
@@ -493,3 +495,56 @@ async def test_an_api_key_past_its_rate_gets_429_with_retry_after_and_another_ke
         huge = await gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 64, "safety": {"budget": 8}},
                                     headers={"Authorization": "Bearer beta"})
         assert_openai_error(huge, 400, code="request_too_costly")
+
+
+async def test_a_waiting_request_survives_a_redis_restart_that_lost_its_job(monkeypatch):
+    """The worker has the job, then Redis restarts empty: the waiting request neither fails nor hangs — its gateway
+    queues the job again (same id, same server-clock deadline), and the rerun's answer is the one it returns."""
+    monkeypatch.setattr("service.gateway.service.LOST_CHECK_S", 0.2)
+    port = free_port()
+    server = start_redis_server(port=port)
+    settings = Settings(redis_url=server.url, redis_prefix="lost", redis_pool_timeout_s=2)
+    requeued = REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0
+    try:
+        async with running(settings) as gw:
+
+            async def worker() -> None:
+                nonlocal server
+                first = await gw.take_job()
+                server.stop()  # the job was running: now the server and everything on it are gone
+                await anyio.sleep(1.5)  # the gateway's reads fail meanwhile
+                server = start_redis_server(port=port)
+                with contextlib.suppress(RedisConnectionError):
+                    await gw.redis.ping()
+                await gw.redis.xgroup_create(gw.keys.jobs, GROUP, id="0", mkstream=True)
+                again = await gw.take_job()  # queued again by the gateway
+                assert again.id == first.id
+                await gw.send(again, final_event(FINAL))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker)
+                resp = await gw.client.post("/v1/chat/completions", json=CHAT)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["message"]["content"] == FINAL["text"]
+            assert await gw.redis.xlen(gw.keys.jobs) == 1  # queued once, not once per check
+            (_, fields), = await gw.redis.xrange(gw.keys.jobs)
+            assert float(fields["deadline"]) > time.time()
+        assert (REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0) == requeued + 1
+    finally:
+        server.stop()
+
+
+async def test_a_job_already_queued_again_or_answered_is_not_queued_a_second_time(make_settings):
+    """REQUEUE_LUA: whichever of a gateway and a worker comes first queues a lost job; the rest see it (or its answer)."""
+    async with running(make_settings()) as gw:
+        script = gw.redis.register_script(REQUEUE_LUA)
+        job = Job(messages=[{"role": "user", "content": "hi"}], params={}, deadline=time.time() + 60)
+        keys = [gw.keys.jobs, gw.keys.entry(job.id), gw.keys.done(job.id)]
+        args = ["", job.dumps(), f"{job.deadline:.3f}", 120, GROUP]
+        assert await script(keys=keys, args=args) == 1
+        assert await script(keys=keys, args=args) == 0  # a live entry exists
+        assert await gw.redis.xlen(gw.keys.jobs) == 1
+        await gw.redis.set(gw.keys.done(job.id), "w")
+        await gw.redis.delete(gw.keys.entry(job.id))
+        assert await script(keys=keys, args=args) == 0  # answered
+        assert await gw.redis.xlen(gw.keys.jobs) == 1

@@ -101,3 +101,49 @@ def test_runs_stepped_together_match_runs_alone(tiny):
     # Shared prompt prefixes are forwarded once for the whole batch, so the total is below the sum.
     assert sum(r.stats.policy_forward_tokens for r in runs) == b.policy_engine.cache.num_tokens
     assert all(n.lock_ref == 0 for n in b.policy_engine.cache._iter_nodes())
+
+
+@pytest.mark.parametrize("strategy", ["saffron", "none"])
+def test_chunked_prefill_bounds_the_tokens_of_every_step_and_decides_the_same(tiny, strategy):
+    """A 120-token prompt in chunks of 16: no step forwards more than 16 prompt tokens plus one search round's,
+    and the answer is the one the unchunked run gives."""
+    from service.search.runner import Batch
+
+    prompt = [5 + (i * 7) % 50 for i in range(120)]
+
+    def make(b):
+        params = SearchParams(strategy=strategy, budget=3, max_new_tokens=6, min_new_tokens=2, top_p=0.9, seed=5)
+        layout = RequestLayout(policy_prefix=prompt, mrm_prefix=[4, *prompt[:100]], prm_prefix=[4, 4], prm_suffix=[7, 7])
+        return SearchRun(b, layout, SearchContext(params, [21], b.eos_ids))
+
+    alone = make(bundle(tiny, True))
+    expected = alone.run()
+    b = bundle(tiny, True)
+    batch, per_step = Batch(prefill_chunk_tokens=16), []
+    batch.add("long", make(b))
+    while len(batch):
+        before = b.policy_engine.total.forwarded_tokens + b.mrm_engine.total.forwarded_tokens
+        finished = batch.step()
+        per_step.append(b.policy_engine.total.forwarded_tokens + b.mrm_engine.total.forwarded_tokens - before)
+    ((_, chunked),) = finished
+    assert chunked.decision.ids == expected.ids
+    assert per_step[:6] == [16] * 6  # 120 + 101 prompt tokens, 16 at a time
+    assert max(per_step) <= 16 + 2 * 3  # a chunk, or the rest of a prompt (< 16) with one token per branch and model
+    assert chunked.stats.policy_forward_tokens == alone.stats.policy_forward_tokens  # the prompt still counted once
+    for engine in (b.policy_engine, b.mrm_engine):
+        engine.cache.check_invariants()
+        assert all(n.lock_ref == 0 for n in engine.cache._iter_nodes()), "the chunked prefill left nodes pinned"
+
+
+def test_a_search_bounds_its_trie_bytes_by_prompt_budget_and_max_tokens(tiny):
+    b = bundle(tiny, True)
+    params = SearchParams(strategy="saffron", budget=3, max_new_tokens=6)
+    layout = RequestLayout(policy_prefix=[5, 6, 7, 8, 9], mrm_prefix=[4, 5, 6])
+    need = SearchRun(b, layout, SearchContext(params, [21], b.eos_ids)).cache_bytes_needed()
+    kv = b.policy_engine.kv_bytes_per_token
+    assert kv == 2 * 2 * 2 * 8 * 4  # layers x (K, V) x KV heads x head_dim x fp32
+    assert need == {"policy": (6 + 3 * 6) * kv + 3 * V * 4, "mrm": (4 + 3 * 6) * kv + 3 * V * 4}
+    # The bound holds: a finished search of that shape never held more.
+    search = SearchRun(b, layout, SearchContext(params, [21], b.eos_ids))
+    search.run()
+    assert b.policy_engine.cache.nbytes <= need["policy"] and b.mrm_engine.cache.nbytes <= need["mrm"]

@@ -403,7 +403,31 @@ def test_a_step_that_fails_for_one_search_fails_only_that_job(guard, settings, c
 def test_a_job_is_answered_once_flag_and_event_together(guard, settings, client):
     keys = Keys(settings.redis_prefix)
     first, second = Worker(settings, guard, client, "a"), Worker(settings, guard, client, "b")
-    assert first.answer("j1", {"type": "final", "text": "one"}) is True
-    assert second.answer("j1", {"type": "final", "text": "two"}) is False
+    job = Job(messages=[], params={}, deadline=time.time() + 100, id="j1")
+    assert first.answer(job, {"type": "final", "text": "one"}) is True
+    assert second.answer(job, {"type": "final", "text": "two"}) is False
     assert [json.loads(f["event"])["text"] for _, f in client.xrange(keys.result("j1"))] == ["one"]
-    assert client.get(keys.done("j1")) == "a" and 0 < client.ttl(keys.result("j1")) <= 600
+    # The keys outlive the deadline by RESULT_GRACE_S (60 s), not a fixed 10 minutes.
+    assert client.get(keys.done("j1")) == "a" and 100 < client.ttl(keys.result("j1")) <= 161
+
+
+def test_searches_start_only_while_their_trie_bounds_fit_the_budget(guard, settings, client, monkeypatch):
+    """Two jobs that each fit the trie budget alone but not together: the worker takes both, runs one, and starts the
+    second when the first has freed its memory; a job that cannot fit even alone is refused with a clear 400."""
+    worker = Worker(settings, guard, client, "tight")
+    first, second = (enqueue(client, settings, max_new_tokens=8, min_new_tokens=8) for _ in range(2))
+    probe = guard.prepare(first.messages, guard.job_params(dict(strategy="none", max_new_tokens=8, min_new_tokens=8)))
+    need = probe.cache_bytes_needed()["policy"]
+    probe.close()
+    monkeypatch.setattr(guard.models.policy_engine.cache, "max_bytes", int(need * 1.5))
+    worker.run(install_signals=False, max_loops=1)
+    assert [a.job.id for a in worker.active] == [first.id, second.id]
+    assert [a.in_batch for a in worker.active] == [True, False] and len(worker.batch) == 1
+    serve_until(worker, client, settings, [first, second])
+    assert [events(client, settings, j)[-1]["type"] for j in (first, second)] == ["final", "final"]
+
+    monkeypatch.setattr(guard.models.policy_engine.cache, "max_bytes", need // 2)
+    too_big = enqueue(client, settings, max_new_tokens=8, min_new_tokens=8)
+    serve_until(worker, client, settings, [too_big])
+    last = events(client, settings, too_big)[-1]
+    assert (last["type"], last["status"], last["error"]["code"], last["error"]["param"]) == ("error", 400, "cache_budget_exceeded", "safety.budget")
