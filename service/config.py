@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_budget: int = 64
     max_new_tokens_limit: int = 512
     max_prompt_tokens: int = 4096
+    max_n: int = 8  # limit: choices per request (n), each a full guarded search
 
     # Guard policy: the operator's, never the client's. Strategies a request may choose (comma-separated); None:
     # every strategy in development, only "saffron" in production. A smaller budget than min_budget is refused.
@@ -93,6 +94,13 @@ class Settings(BaseSettings):
     # Serving (gateway + workers).
     redis_url: str | None = None  # None: `saffron-guard serve` starts a local Redis-compatible server
     redis_prefix: str = "saffron"  # key namespace (service/queue/keys.py)
+    # Prefix KV shared across workers in Redis (service/engine/prefix_store.py); off by default: it should have
+    # a server of its own with maxmemory + allkeys-lru (prefix_cache_url), not the job queue's.
+    prefix_cache: bool = False
+    prefix_cache_url: str | None = None  # None: redis_url
+    prefix_cache_block_tokens: int = 32  # tokens per shared block; only full blocks are shared
+    prefix_cache_ttl_s: int = 3600  # every block key expires after this (a second bound beside maxmemory)
+    prefix_cache_timeout_s: float = 0.5  # a read slower than this is abandoned and the prefix computed locally
     redis_max_connections: int = 512  # the gateway's Redis pool; each waiting request holds one during a poll
     redis_pool_timeout_s: float = 10.0  # past it, a request that found no free connection gets 503
     served_model_name: str = "saffron-guard"  # the model id clients send; /v1/models lists it
@@ -103,6 +111,7 @@ class Settings(BaseSettings):
     max_queue: int = 64  # queued + running jobs admitted; past it, 429 with Retry-After
     max_body_bytes: int = 1024 * 1024  # request bodies above this get 413
     request_timeout_s: float = 300.0  # job deadline; past it the gateway answers 504
+    gateway_shutdown_grace_s: float = 30.0  # on SIGTERM, in-flight requests get this long, then are cancelled (and their jobs)
     # Fail-closed (service.guard.fail_closed_reason): a guarded answer that is degenerate, or a saffron answer whose
     # reward is below the threshold, is replaced by refusal_message with finish_reason "content_filter".
     # "auto": on in production, off in development.
@@ -114,6 +123,11 @@ class Settings(BaseSettings):
     worker_claim_idle_s: float = 30.0  # a job unacknowledged this long is claimed by another worker
     worker_shutdown_grace_s: float = 30.0  # on SIGTERM, finish in-flight jobs for this long, then hand back
     worker_metrics_port: int = 9101  # a worker serves /metrics here (worker i of `serve` uses port + i)
+    # Liveness (service/worker/liveness.py): a worker whose main loop has not gone round for worker_stall_s is hung;
+    # its /healthz (on the metrics port) answers 503 and `python -m service.worker.liveness` exits 1. The loop
+    # rewrites worker_alive_file (None: no file) every round, so that probe needs no port (Kubernetes: deploy/k8s).
+    worker_stall_s: float = 120.0
+    worker_alive_file: Path | None = None
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

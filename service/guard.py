@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from service.config import Settings
 from service.errors import InvalidRequestError, RequestTooLargeError
 from service.models.bundle import ModelBundle, load_bundle
@@ -21,6 +23,7 @@ from service.report import BlockReason, SafetyReport, finite_or_none
 from service.search.calls import SearchContext
 from service.search.params import SearchParams, limits, params_from_settings
 from service.search.runner import Batch, RequestLayout, SearchRun
+from service.search.stops import cut_at_stop, first_stop, streamable
 
 
 @dataclass
@@ -39,6 +42,7 @@ class GenerationResult:
     # Fail-closed (``fail_closed_reason``): why the search's answer was replaced by the refusal message, else None.
     blocked: BlockReason | None = None
     search_text: str | None = None  # the search's own answer when blocked (``text`` is then the refusal message)
+    logprobs: list[dict] | None = None  # OpenAI's logprobs.content of the answer (params.logprobs), the policy's
 
     @property
     def finish_reason(self) -> str:
@@ -134,7 +138,9 @@ class Guard:
             )
         prm_prefix, prm_suffix = m.prm.layout(prompt)
         layout = RequestLayout(policy_prefix, m.mrm.template.prefix_ids(tok, prompt), prm_prefix, prm_suffix)
-        run = SearchRun(m, layout, SearchContext(params, prefill_ids, m.eos_ids))
+        ctx = SearchContext(params, prefill_ids, m.eos_ids, stop=self._stop_check(params, len(prefill_ids)),
+                            logit_bias=self._logit_bias(params))
+        run = SearchRun(m, layout, ctx)
         for kind, need in run.cache_bytes_needed().items():
             limit = m.engine(kind).cache.max_bytes
             if need > limit:
@@ -145,6 +151,41 @@ class Guard:
                     param="safety.budget", code="cache_budget_exceeded",
                 )
         return run
+
+    def _stop_check(self, params: SearchParams, prefill_len: int):
+        """``params.stop`` as a test on response ids: does the generated text (prefill excluded) contain one?"""
+        if not params.stop:
+            return None
+        tok, stops = self.models.tokenizer, params.stop
+        return lambda ids: first_stop(tok.decode(ids[prefill_len:], skip_special_tokens=True), stops) is not None
+
+    def _logit_bias(self, params: SearchParams):
+        """``params.logit_bias`` as a dense [V] tensor over the policy's vocabulary; 400 for an id outside it."""
+        if not params.logit_bias:
+            return None
+        vocab = self.models.policy_engine.model.config.get_text_config(decoder=True).vocab_size
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias names token ids outside the policy's vocabulary of {vocab}: {sorted(bad)[:5]}", param="logit_bias", code="invalid_value"
+            )
+        bias = torch.zeros(vocab)
+        bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        return bias
+
+    def logprobs_content(self, run: SearchRun) -> list[dict] | None:
+        """OpenAI's ``logprobs.content`` of the chosen answer: the policy's log-probabilities, from the logits the search
+        computed anyway (not the guard's scores)."""
+        entries = run.decision.logprobs if run.decision is not None else None
+        if entries is None:
+            return None
+        tok = self.models.tokenizer
+
+        def item(token_id: int, logprob: float) -> dict:
+            text = tok.decode([token_id])
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+        return [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]} for t, lp, alts in entries]
 
     def with_system_prompt(self, messages: list[dict]) -> list[dict]:
         """The operator's system prompt first: a client's system message is appended to it (``client_system_prompt``)."""
@@ -210,7 +251,7 @@ class Guard:
         assert decision is not None, "the run has not finished"
         generated = decision.ids[len(run.ctx.prefill_ids) :]
         tok = self.models.tokenizer
-        text = tok.decode(generated, skip_special_tokens=True)
+        text = cut_at_stop(tok.decode(generated, skip_special_tokens=True), params.stop)  # a stop sequence is not returned
         prefill = tok.decode(run.ctx.prefill_ids, skip_special_tokens=True)
         blocked = None
         if self.settings.fail_closed_on:
@@ -246,12 +287,14 @@ class Guard:
             safety=safety,
             prompt_tokens=len(run.layout.policy_prefix) + len(run.ctx.prefill_ids),
             params=params.to_dict(),
+            logprobs=None if blocked else self.logprobs_content(run),
         )
 
     def committed_text(self, run: SearchRun) -> str:
         """The answer text every node of a running search agrees on (it cannot change any more), for streaming."""
         eos = self.models.eos_ids
-        return self.models.tokenizer.decode([t for t in run.committed[len(run.ctx.prefill_ids) :] if t not in eos], skip_special_tokens=True)
+        text = self.models.tokenizer.decode([t for t in run.committed[len(run.ctx.prefill_ids) :] if t not in eos], skip_special_tokens=True)
+        return streamable(text, run.ctx.params.stop)  # never past a stop sequence, nor a tail that may become one
 
     def engine_totals(self) -> dict[ModelKind, tuple[int, int, int, int]]:
         """Per engine since start: (query tokens, forwarded tokens, tokens reused from the trie, tokens evicted)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
@@ -225,6 +226,9 @@ class CachedLM:
         self.adapters = adapters  # the row adapters installed on model (None: none)
         self.adapter = adapter  # which of them this engine's rows get (None: the base model)
         self.total = CallStats()  # lifetime counters (monotonic)
+        # Measured on forwards of PREFILL_MIN_TOKENS or more (None until one ran): the shared prefix cache
+        # compares it with Redis's bandwidth to decide whether loading a prefix beats recomputing it.
+        self.prefill_tokens_per_s: float | None = None
 
     @property
     def cached(self) -> bool:
@@ -271,6 +275,7 @@ class CachedLM:
 
 
 Plan = tuple[TreeNode, int, list[int]]  # (attach node, prefix length, suffix to forward)
+PREFILL_MIN_TOKENS = 64  # a forward of at least this many tokens measures the engine's prefill speed
 
 
 class _Query:
@@ -379,6 +384,7 @@ def _forward_wave(wave: list[tuple[_Query, Plan]]) -> list[tuple[tuple[_Query, P
         engine = items[0][0].engine
         assert all(q.engine.adapters is engine.adapters for q, _ in items), "engines on one model must share its row adapters"
         for group in _length_groups(items, lambda item: len(item[1][2])):
+            t0, tokens = time.perf_counter(), sum(len(plan[2]) for _, plan in group)
             kv_rows, logits = forward_batch(
                 engine.model,
                 [[(seg.value, len(seg.key)) for seg in q.cache.path(plan[0])] for q, plan in group],
@@ -387,6 +393,13 @@ def _forward_wave(wave: list[tuple[_Query, Plan]]) -> list[tuple[tuple[_Query, P
                 adapters=engine.adapters,
                 row_adapters=[q.engine.adapter for q, _ in group],
             )
+            if tokens >= PREFILL_MIN_TOKENS:
+                if logits.is_cuda:
+                    torch.cuda.synchronize(logits.device)
+                rate = tokens / max(time.perf_counter() - t0, 1e-6)
+                for q, _ in group:
+                    old = q.engine.prefill_tokens_per_s
+                    q.engine.prefill_tokens_per_s = rate if old is None else 0.7 * old + 0.3 * rate
             for q in {id(q): q for q, _ in group}.values():
                 q.stats.forward_calls += 1
             outputs += zip(group, kv_rows, logits)

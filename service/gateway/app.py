@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -17,16 +18,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
 from service.errors import InvalidRequestError, SaffronError
-from service.gateway.protocol import ChatCompletion, ErrorResponse, ModelList, validation_error
+from service.gateway.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelList,
+    validation_error,
+)
 from service.gateway.service import GatewayService
+from service.metrics import GATEWAY_REGISTRY
 from service.queue.keys import check_redis_version
 
 logger = logging.getLogger(__name__)
 
 # Proxies (nginx) must pass events through as they come.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SHUTDOWN_GRACE_S = 30  # on SIGTERM/Ctrl-C, in-flight requests get this long; then they are cancelled (and so are their jobs)
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503, 504)}
+CHAT_PATH = "/v1/chat/completions"
 
 router = APIRouter()
 
@@ -35,7 +43,7 @@ def _service(request: Request) -> GatewayService:
     return request.app.state.service
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post(CHAT_PATH, response_model=ChatCompletion, responses=_ERRORS)
 async def chat_completions(request: Request) -> Response:
     """Create a chat completion; with ``stream: true``, server-sent events ending in ``data: [DONE]``."""
     service = _service(request)
@@ -71,9 +79,9 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this gateway process; the queue depth is sampled now."""
-    await _service(request).sample_queue_depth()
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics of this gateway process (its own registry); the Redis-side gauges are sampled now."""
+    await _service(request).sample_gauges()
+    return Response(generate_latest(GATEWAY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 def _error_response(err: SaffronError) -> JSONResponse:
@@ -103,6 +111,35 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette re-raises after this handler, so the server log keeps the traceback.
     return _error_response(SaffronError("internal server error", code="internal_error"))
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the chat route's request body, ``ChatCompletionRequest``, with examples in the served name.
+
+    The route reads its raw body itself (the size limit first, then our own 400 and 422), so FastAPI sees no body
+    parameter to describe; clients and the fuzzer (tests/service/gateway/test_fuzz.py) still need it.
+    """
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        served = app.state.settings.served_model_name
+        request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        request["properties"]["model"]["examples"] = [served]
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        added = {**request.pop("$defs", {}), "ChatCompletionRequest": request}
+        clash = sorted(name for name in added if components.get(name, added[name]) != added[name])
+        assert not clash, f"request and response components share names: {clash}"
+        components.update(added)
+        hello = {"model": served, "messages": [{"role": "user", "content": "Hello!"}]}
+        schema["paths"][CHAT_PATH]["post"]["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"},
+                    "examples": {"chat": {"value": hello}, "stream": {"value": {**hello, "stream": True}}},
+                }
+            },
+        }
+    return app.openapi_schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -137,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Saffron Guard", summary="OpenAI-compatible chat completions, guarded by Saffron search", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(router)
+    app.openapi = partial(_openapi, app)
     app.add_exception_handler(SaffronError, _on_saffron_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -148,5 +186,5 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -
     """Serve the gateway with uvicorn until interrupted; returns the exit status."""
     app = create_app(settings)
     logger.info("gateway on http://%s:%d/v1 (model %r)", host, port, settings.served_model_name)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.gateway_shutdown_grace_s)
     return 0

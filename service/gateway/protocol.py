@@ -15,6 +15,11 @@ Extensions to OpenAI's chat schema:
   ``safety.top_p`` is the search pruning mass p (DESIGN.md §2). The request's own ``top_p``
   (OpenAI's sampling nucleus) is accepted and ignored: no strategy samples from a nucleus.
 - the response carries ``safety``: the worker's report on the search that chose the answer.
+
+OpenAI fields the search honours: ``stop`` (an answer ends before the first stop sequence its
+text contains, in every strategy), ``n`` (independent guarded searches), ``logprobs`` /
+``top_logprobs`` (the policy's), ``logit_bias`` (added to the policy's logits before pruning or
+sampling), ``user`` (logged as a hash). README "Request fields" lists every field.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -40,6 +46,14 @@ from service.report import SafetyReport
 from service.search.params import SearchParams, params_from_settings
 
 logger = logging.getLogger(__name__)
+
+# OpenAI chat fields that are neither honoured nor refused: accepted, and a warning names them (README "Request fields").
+IGNORED_FIELDS = ("top_p", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls",
+                  "reasoning_effort", "verbosity")
+# OpenAI chat fields a guard cannot honour: 400 naming the field (tool calls and constrained formats are not vetted by the
+# search; audio and predicted outputs do not exist for a text policy). ``response_format: {"type": "text"}`` is the default.
+REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio", "modalities", "prediction",
+                  "web_search_options")
 
 # SearchParams field -> where the client set it, so a 400 names the request's own field.
 _PARAM_PATHS = {
@@ -85,7 +99,7 @@ class ChatMessage(OpenAIBaseModel):
     content: list[TextPart]
     name: str | None = None  # accepted for compatibility; not shown to the model
 
-    @field_validator("content", mode="before")
+    @field_validator("content", mode="before", json_schema_input_type=str | list[TextPart])
     @classmethod
     def _string_to_part(cls, v: Any) -> Any:
         return [{"type": "text", "text": v}] if isinstance(v, str) else v
@@ -117,7 +131,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
     max_completion_tokens: int | None = None  # wins over max_tokens when both are set
     temperature: float | None = None  # sampling strategies; None: greedy for none, 1.0 for best_of_n
-    top_p: float | None = None  # OpenAI's sampling nucleus: accepted, ignored (see safety.top_p)
+    top_p: float | None = None  # OpenAI's sampling nucleus: accepted, ignored with a warning (see safety.top_p)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     # Repetition controls on the policy logits, every strategy (service/search/penalties.py).
     frequency_penalty: float | None = None  # OpenAI semantics, [-2, 2]
@@ -126,11 +140,32 @@ class ChatCompletionRequest(OpenAIBaseModel):
     no_repeat_ngram_size: int | None = None  # transformers extension, [0, 16]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1  # only 1 (400 otherwise)
-    stop: str | list[str] | None = None  # not supported (400 when non-empty)
-    user: str | None = None  # accepted, logged nowhere
+    n: int = Field(default=1, ge=1)  # independent guarded searches, one per choice, up to SAFFRON_MAX_N
+    stop: str | list[str] | None = None  # up to 4; an answer ends before the first one its text contains
+    logprobs: bool | None = None  # the policy's log-probabilities of the chosen tokens
+    top_logprobs: int | None = None  # and of this many alternatives per token, in [0, 20] (needs logprobs)
+    logit_bias: dict[str, float] | None = None  # token id -> bias added to the policy's logits, in [-100, 100]
+    user: str | None = None  # accepted; logged as a hash, never the raw value
     continue_final_message: bool = False
     safety: SafetyOptions | None = None
+    # Known OpenAI fields this server does not honour (IGNORED_FIELDS, REFUSED_FIELDS): typed loosely, checked in to_search_params.
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    parallel_tool_calls: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
     @classmethod
     def from_json(cls, body: bytes) -> ChatCompletionRequest:
@@ -155,14 +190,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             InvalidRequestError: an unsupported option (n > 1, stop, stream_options without
                 stream) or a value outside the documented limits; ``param`` names the request field.
         """
-        if self.n != 1:
-            raise InvalidRequestError(f"n must be 1 (one answer per request), got {self.n}", param="n", code="unsupported_value")
-        if self.stop:
-            raise InvalidRequestError(
-                "stop sequences are not supported: the search decides where the answer ends (EOS or max_tokens)",
-                param="stop",
-                code="unsupported_parameter",
-            )
+        self._check_unhonoured_fields()
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
         s = self.safety or SafetyOptions()
@@ -174,6 +202,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 max_new_tokens=max_new, temperature=self.temperature, seed=self.seed, tie_break=s.tie_break,
                 mrm_weight=s.mrm_weight, mode=s.mode, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                 repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+                stop=self.stop or None, logprobs=self.logprobs, top_logprobs=self.top_logprobs, logit_bias=self._bias(),
             )
         except InvalidRequestError as e:
             if e.param == "max_new_tokens" and self.max_completion_tokens is not None:
@@ -181,6 +210,30 @@ class ChatCompletionRequest(OpenAIBaseModel):
             else:
                 e.param = _PARAM_PATHS.get(e.param or "", e.param)
             raise
+
+    def _check_unhonoured_fields(self) -> None:
+        """400 for a field a guard cannot honour; a logged warning for one it accepts and ignores."""
+        for name in REFUSED_FIELDS:
+            value = getattr(self, name)
+            if value is None or value == [] or (name == "response_format" and value == {"type": "text"}) or (name == "modalities" and value == ["text"]):
+                continue
+            if name == "tool_choice" and value == "none":
+                continue
+            raise InvalidRequestError(
+                f"{name} is not supported: the guard vets plain text answers only (README, Request fields)", param=name, code="unsupported_parameter"
+            )
+        ignored = [name for name in IGNORED_FIELDS if getattr(self, name) is not None]
+        if ignored:
+            logger.warning("ignoring request fields %s (accepted for compatibility, no effect here)", ignored)
+
+    def _bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer token ids (JSON object keys are strings); 400 naming the field for another key."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequestError("logit_bias keys must be token ids (integers as strings)", param="logit_bias", code="invalid_value") from None
 
     def job_messages(self) -> list[dict]:
         """Messages for the worker: plain-string content, ``developer`` as ``system``.
@@ -228,11 +281,35 @@ class AssistantMessage(OpenAIBaseModel):
     content: str
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    """The policy's log-probabilities of the answer's tokens (not the guard's scores), OpenAI's shape."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class Choice(OpenAIBaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str  # stop | length | content_filter
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+    safety: SafetyReport | None = None  # with n > 1: this choice's own search report (left out when None)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_safety(self, handler):
+        out = handler(self)
+        if out.get("safety") is None:
+            out.pop("safety", None)
+        return out
 
 
 class ChatCompletion(OpenAIBaseModel):
@@ -254,7 +331,7 @@ class ChunkChoice(OpenAIBaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(OpenAIBaseModel):

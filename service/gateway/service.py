@@ -42,6 +42,7 @@ from service.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     ModelCard,
@@ -50,10 +51,14 @@ from service.gateway.protocol import (
     sse_data,
 )
 from service.metrics import (
+    GATEWAY_READY,
     GATEWAY_REDIS_ERRORS,
     JOBS_REQUEUED,
+    LIVE_WORKERS,
+    MAX_QUEUE,
     QUEUE_DEPTH,
     REQUEST_LATENCY,
+    REQUEST_TIMEOUT,
     REQUESTS,
     TIME_TO_FIRST_TOKEN,
 )
@@ -91,16 +96,22 @@ CANCEL_WRITE_TIMEOUT_S = 2.0  # the cancel flag is written even while the reques
 
 @dataclass
 class Admitted:
-    """One admitted request and its queued job (``search.calls.Call`` is a model call, not this)."""
+    """One admitted request and its queued jobs, one per choice (``search.calls.Call`` is a model call, not this)."""
 
     request: ChatCompletionRequest
-    job: Job
+    jobs: list[Job]  # jobs[i] answers choices[i]; its id is the response's id, suffixed "-i" when n > 1
     strategy: str  # metric label
     started: float  # time.monotonic() when the request arrived
     deadline: float  # time.monotonic() past which the gateway answers 504 (the worker uses the server-clock one)
     server_deadline: str = ""  # the job's deadline on the Redis server's clock, as its queue entry carries it
     first_token_seen: bool = False
-    requeued: int = 0  # times this gateway queued the job again because the server had lost it
+    requeued: int = 0  # times this gateway queued a job again because the server had lost it
+    id: str = ""  # the response's id
+
+    @property
+    def job(self) -> Job:
+        """The first choice's job (its id, created time and model are the response's)."""
+        return self.jobs[0]
 
 
 class GatewayService:
@@ -138,13 +149,13 @@ class GatewayService:
             )
         return hashlib.sha256(given).hexdigest()[:16]
 
-    async def _rate_limit(self, caller: str, params) -> None:
-        """The caller's token bucket (RATE_LUA, on the server's clock): a request costs budget x max_new_tokens."""
+    async def _rate_limit(self, caller: str, params, n: int = 1) -> None:
+        """The caller's token bucket (RATE_LUA, on the server's clock): a request costs n x budget x max_new_tokens."""
         rate = self.settings.rate_limit
         if rate <= 0:
             return
         burst = self.settings.rate_burst or 60 * rate
-        cost = params.budget * params.max_new_tokens
+        cost = n * params.budget * params.max_new_tokens
         if cost > burst:
             raise InvalidRequestError(
                 f"this request costs {cost} (budget x max_tokens), more than the per-key burst of {burst:g} (SAFFRON_RATE_BURST)",
@@ -174,22 +185,32 @@ class GatewayService:
             self._check_model(request.model)
             params = request.to_search_params(self.settings)
             strategy = params.strategy
-            messages = request.job_messages()
-            job = Job(
-                messages=messages,
-                params=params.to_dict(),
-                stream=request.stream,
-                deadline=time.time() + self.settings.request_timeout_s,
-                model=request.model,
-            )
+            if request.n > self.settings.max_n:
+                raise InvalidRequestError(f"n must be in [1, {self.settings.max_n}] (SAFFRON_MAX_N), got {request.n}", param="n", code="out_of_range")
+            jobs = self._jobs(request, params)
+            if request.user:  # never the raw value, in logs or metrics
+                logger.info("request %s from user %s", jobs[0].id, hashlib.sha256(request.user.encode()).hexdigest()[:12])
             with self._redis_errors():
-                await self._rate_limit(caller, params)
-                server_deadline = await self._admit(job)
+                await self._rate_limit(caller, params, len(jobs))
+                server_deadline = await self._admit(jobs)
         except SaffronError as e:
             REQUESTS.labels(strategy, str(e.status_code)).inc()
             raise
-        logger.info("job %s queued: strategy=%s stream=%s", job.id, strategy, request.stream)
-        return Admitted(request, job, strategy, started, started + self.settings.request_timeout_s, server_deadline)
+        logger.info("job %s queued: strategy=%s stream=%s n=%d", jobs[0].id, strategy, request.stream, len(jobs))
+        base = jobs[0].id.rsplit("-", 1)[0] if len(jobs) > 1 else jobs[0].id
+        return Admitted(request, jobs, strategy, started, started + self.settings.request_timeout_s, server_deadline, id=base)
+
+    def _jobs(self, request: ChatCompletionRequest, params) -> list[Job]:
+        """One job per choice: n independent guarded searches, choice i with seed + i (sampling strategies differ by it)."""
+        first = Job(messages=request.job_messages(), params=params.to_dict(), stream=request.stream,
+                    deadline=time.time() + self.settings.request_timeout_s, model=request.model)
+        if request.n == 1:
+            return [first]
+        return [
+            Job(messages=first.messages, params=params.to_dict() | {"seed": (params.seed + i) % 2**64}, stream=first.stream,
+                deadline=first.deadline, id=f"{first.id}-{i}", created=first.created, model=first.model)
+            for i in range(request.n)
+        ]
 
     async def _read_body(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> bytes:
         limit = self.settings.max_body_bytes
@@ -216,10 +237,10 @@ class GatewayService:
                 code="model_not_found",
             )
 
-    async def _admit(self, job: Job) -> str:
-        """Queue ``job`` if a worker lives and fewer than ``max_queue`` jobs are queued or running — one atomic step.
+    async def _admit(self, jobs: list[Job]) -> str:
+        """Queue ``jobs`` (all or none) if a worker lives and ``max_queue`` is not exceeded — one atomic step.
 
-        Returns the job's deadline on the Redis server's clock, as its queue entry carries it.
+        Returns the jobs' deadline on the Redis server's clock, as their queue entries carry it.
         """
         if not await self.worker_alive():
             raise ServiceUnavailableError(
@@ -227,14 +248,15 @@ class GatewayService:
             )
         timeout = self.settings.request_timeout_s
         reply = await self._admit_script(
-            keys=[self.keys.jobs, self.keys.entry(job.id)], args=[self.settings.max_queue, job.dumps(), timeout, result_ttl_s(timeout)]
+            keys=[self.keys.jobs, *(self.keys.entry(j.id) for j in jobs)],
+            args=[self.settings.max_queue, timeout, result_ttl_s(timeout), *(j.dumps() for j in jobs)],
         )
         if not int(reply[0]):
             raise OverloadedError(
                 f"overloaded: {reply[1]} jobs are queued or running (limit {self.settings.max_queue}); retry later",
                 retry_after_s=RETRY_AFTER_S,
             )
-        return str(reply[3])
+        return str(reply[2])
 
     async def worker_alive(self, *, fresh: bool = False) -> bool:
         """True if the live-worker set has a member whose heartbeat has not expired on the server's clock.
@@ -261,24 +283,26 @@ class GatewayService:
         holds the request, is the one that can put it back. A worker that lost its group does the same for the
         jobs it ran, and the script lets only the first of them queue it.
         """
-        job = admitted.job
-        keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
         remaining = admitted.deadline - time.monotonic()
-        args = ["", job.dumps(), admitted.server_deadline, result_ttl_s(remaining), GROUP]
-        if int(await self._requeue_script(keys=keys, args=args)):
-            admitted.requeued += 1
-            JOBS_REQUEUED.inc()
-            logger.warning("job %s queued again: the Redis server had lost it (a restart without its data?)", job.id)
+        for job in admitted.jobs:
+            keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
+            args = ["", job.dumps(), admitted.server_deadline, result_ttl_s(remaining), GROUP]
+            if int(await self._requeue_script(keys=keys, args=args)):
+                admitted.requeued += 1
+                JOBS_REQUEUED.inc()
+                logger.warning("job %s queued again: the Redis server had lost it (a restart without its data?)", job.id)
 
     # --- answers -------------------------------------------------------------------------
 
     async def complete(self, admitted: Admitted, is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
-        """Wait for the job's final event and build the chat completion."""
+        """Wait for every choice's final event and build the chat completion."""
+        finals: dict[int, dict] = {}
         try:
-            async for event in self._events(admitted, is_disconnected):
+            async for index, event in self._events(admitted, is_disconnected):
                 if event.get("type") == "final":
                     self._first_token(admitted)
-                    response = self._completion(admitted, event)
+                    finals[index] = event
+            response = self._completion(admitted, [finals[i] for i in range(len(admitted.jobs))])
         except SaffronError as e:
             self._answered(admitted, e.status_code)
             raise
@@ -287,7 +311,7 @@ class GatewayService:
             raise
         except asyncio.CancelledError:
             self._answered(admitted, ClientDisconnectedError.status_code)
-            await self.cancel(admitted.job.id)
+            await self.cancel_all(admitted)
             raise
         self._answered(admitted, 200)
         return response
@@ -295,47 +319,51 @@ class GatewayService:
     async def stream(self, admitted: Admitted) -> AsyncIterator[str]:
         """SSE frames: the role, committed deltas, the rest with finish_reason, usage if asked, [DONE].
 
-        An error after the stream started is an error frame followed by ``[DONE]``.
+        With n > 1 the choices' frames interleave as their events arrive, each carrying its ``index``; the usage chunk
+        comes once every choice has finished. An error after the stream started is an error frame, then ``[DONE]``.
         """
-        status, sent = 200, ""
+        status, sent, finals = 200, [""] * len(admitted.jobs), {}
         try:
-            yield self._chunk(admitted, DeltaMessage(role="assistant", content="")).sse_data()
-            async for event in self._events(admitted):
+            for i in range(len(admitted.jobs)):
+                yield self._chunk(admitted, DeltaMessage(role="assistant", content=""), index=i).sse_data()
+            async for i, event in self._events(admitted):
                 text = event.get("text") or ""
                 if event.get("type") == "delta":
-                    new = new_delta_text(sent, event)  # a delta sent twice (after a takeover) is dropped
+                    new = new_delta_text(sent[i], event)  # a delta sent twice (after a takeover) is dropped
                     if new:
                         self._first_token(admitted)
-                        sent += new
-                        yield self._chunk(admitted, DeltaMessage(content=new)).sse_data()
+                        sent[i] += new
+                        yield self._chunk(admitted, DeltaMessage(content=new), index=i).sse_data()
                     continue
                 # Final: deltas were committed text, so the full answer must extend them.
-                if text.startswith(sent):
-                    rest = text[len(sent) :]
+                if text.startswith(sent[i]):
+                    rest = text[len(sent[i]) :]
                 else:
-                    logger.warning("job %s: final text does not extend the %d streamed characters", admitted.job.id, len(sent))
+                    logger.warning("job %s: final text does not extend the %d streamed characters", admitted.jobs[i].id, len(sent[i]))
                     rest = ""
-                if rest:
+                logprobs = self._logprobs(event)
+                if rest or logprobs is not None:  # the policy's logprobs of the whole answer ride on its last content chunk
                     self._first_token(admitted)
-                    yield self._chunk(admitted, DeltaMessage(content=rest)).sse_data()
-                finish = self._chunk(admitted, DeltaMessage(), event.get("finish_reason") or "stop")
+                    yield self._chunk(admitted, DeltaMessage(content=rest), index=i, logprobs=logprobs).sse_data()
+                finish = self._chunk(admitted, DeltaMessage(), event.get("finish_reason") or "stop", index=i)
                 finish.safety = self._safety(admitted, event)
                 yield finish.sse_data()
-                opts = admitted.request.stream_options
-                if opts is not None and opts.include_usage:
-                    usage = ChatCompletionChunk(id=admitted.job.id, created=int(admitted.job.created), model=admitted.job.model, choices=[])
-                    usage.usage = self._usage(event)
-                    yield usage.sse_data()
+                finals[i] = event
+            opts = admitted.request.stream_options
+            if opts is not None and opts.include_usage:
+                usage = ChatCompletionChunk(id=admitted.id, created=int(admitted.job.created), model=admitted.job.model, choices=[])
+                usage.usage = self._usage([finals[i] for i in range(len(admitted.jobs))])
+                yield usage.sse_data()
         except SaffronError as e:
             status = e.status_code
             yield sse_data(e.to_dict())
         except Exception:  # headers are sent: the client can only learn of it in-band
-            logger.exception("job %s: stream failed", admitted.job.id)
+            logger.exception("job %s: stream failed", admitted.id)
             status = 500
             yield sse_data(SaffronError("internal server error", code="internal_error").to_dict())
         except (asyncio.CancelledError, GeneratorExit):
             status = ClientDisconnectedError.status_code
-            await self.cancel(admitted.job.id)
+            await self.cancel_all(admitted)
             raise
         finally:
             self._answered(admitted, status)
@@ -343,34 +371,35 @@ class GatewayService:
 
     async def _events(
         self, admitted: Admitted, is_disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> AsyncIterator[dict]:
-        """The job's result events, ending with its final one.
+    ) -> AsyncIterator[tuple[int, dict]]:
+        """(choice index, event) of the jobs' result streams, read together, until every job's final event.
 
         Raises:
-            WorkerError: the worker sent an error event (its status and OpenAI error object).
-            GatewayTimeoutError: the job's deadline passed; the cancel flag is set.
-            ClientDisconnectedError: ``is_disconnected`` said the client left; the cancel flag is set.
+            WorkerError: a worker sent an error event (its status and OpenAI error object); the other jobs are cancelled.
+            GatewayTimeoutError: the deadline passed; the cancel flags are set.
+            ClientDisconnectedError: ``is_disconnected`` said the client left; the cancel flags are set.
         """
-        job, key, last = admitted.job, self.keys.result(admitted.job.id), "0-0"
+        index = {self.keys.result(j.id): i for i, j in enumerate(admitted.jobs)}
+        last = dict.fromkeys(index, "0-0")
         next_check, backoff, failing_since = time.monotonic() + LOST_CHECK_S, 0.0, None
-        while True:
+        while last:
             remaining = admitted.deadline - time.monotonic()
             if remaining <= 0:
-                await self.cancel(job.id)
+                await self.cancel_all(admitted)
                 raise GatewayTimeoutError(
                     f"no answer within the request timeout of {self.settings.request_timeout_s:g} s", code="timeout"
                 )
             if is_disconnected is not None and await is_disconnected():
-                await self.cancel(job.id)
+                await self.cancel_all(admitted)
                 raise ClientDisconnectedError("the client disconnected")
             try:
-                reply = await self.redis.xread({key: last}, block=max(1, int(min(remaining, POLL_S) * 1000)), count=64)
+                reply = await self.redis.xread(dict(last), block=max(1, int(min(remaining, POLL_S) * 1000)), count=64)
                 if not reply and time.monotonic() >= next_check:
                     next_check = time.monotonic() + LOST_CHECK_S
                     await self._requeue_if_lost(admitted)
                 backoff, failing_since = 0.0, None
             except RedisError as e:
-                # A restart or a blip: keep waiting; once the server answers, check that the job is still there.
+                # A restart or a blip: keep waiting; once the server answers, check that the jobs are still there.
                 GATEWAY_REDIS_ERRORS.labels(type(e).__name__).inc()
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since >= REDIS_OUTAGE_S:
@@ -378,17 +407,21 @@ class GatewayService:
                         f"the job queue has been unreachable for {REDIS_OUTAGE_S:g} s: {e}", code="queue_unavailable"
                     ) from e
                 backoff = min(REDIS_BACKOFF_S[1], max(REDIS_BACKOFF_S[0], backoff * 2))
-                logger.warning("job %s: Redis error while waiting (%s); retrying in %.1fs", job.id, e, backoff)
+                logger.warning("job %s: Redis error while waiting (%s); retrying in %.1fs", admitted.id, e, backoff)
                 await anyio.sleep(min(backoff, max(0.0, admitted.deadline - time.monotonic())))
                 next_check = 0.0
                 continue
             streams = reply.items() if isinstance(reply, dict) else (reply or [])
-            for _stream, entries in streams:
+            for key, entries in streams:
                 for entry_id, fields in entries:
-                    last = entry_id
+                    if key not in last:
+                        break  # this job's final came earlier in the reply
+                    last[key] = entry_id
                     event = loads_event(fields)
                     if event.get("type") == "error":
                         err = event.get("error") or {}
+                        if len(admitted.jobs) > 1:
+                            await self.cancel_all(admitted)
                         raise WorkerError(
                             int(event.get("status") or 500),
                             err.get("message") or "the worker failed",
@@ -396,9 +429,13 @@ class GatewayService:
                             param=err.get("param"),
                             code=err.get("code"),
                         )
-                    yield event
+                    yield index[key], event
                     if event.get("type") == "final":
-                        return
+                        del last[key]
+
+    async def cancel_all(self, admitted: Admitted) -> None:
+        for job in admitted.jobs:
+            await self.cancel(job.id)
 
     async def cancel(self, job_id: str) -> None:
         """Set the job's cancel flag; shielded, so a request being cancelled still writes it."""
@@ -411,30 +448,40 @@ class GatewayService:
 
     # --- building responses --------------------------------------------------------------
 
-    def _completion(self, admitted: Admitted, final: dict) -> ChatCompletion:
+    def _completion(self, admitted: Admitted, finals: list[dict]) -> ChatCompletion:
+        """choices[i] from finals[i]; the top-level ``safety`` is the first choice's (each choice has its own with n > 1)."""
+        many = len(finals) > 1
+        choices = [
+            Choice(index=i, message=AssistantMessage(content=f.get("text") or ""), finish_reason=f.get("finish_reason") or "stop",
+                   logprobs=self._logprobs(f), safety=self._safety(admitted, f) if many else None)
+            for i, f in enumerate(finals)
+        ]
         return ChatCompletion(
-            id=admitted.job.id,
-            created=int(admitted.job.created),
-            model=admitted.job.model,
-            choices=[
-                Choice(message=AssistantMessage(content=final.get("text") or ""), finish_reason=final.get("finish_reason") or "stop")
-            ],
-            usage=self._usage(final),
-            safety=self._safety(admitted, final),
+            id=admitted.id, created=int(admitted.job.created), model=admitted.job.model, choices=choices,
+            usage=self._usage(finals), safety=self._safety(admitted, finals[0]),
         )
 
-    def _chunk(self, admitted: Admitted, delta: DeltaMessage, finish_reason: str | None = None) -> ChatCompletionChunk:
+    def _chunk(
+        self, admitted: Admitted, delta: DeltaMessage, finish_reason: str | None = None, *, index: int = 0, logprobs: ChoiceLogprobs | None = None
+    ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=admitted.job.id,
+            id=admitted.id,
             created=int(admitted.job.created),
             model=admitted.job.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)],
         )
 
     @staticmethod
-    def _usage(final: dict) -> Usage:
-        prompt, completion = int(final.get("prompt_tokens") or 0), int(final.get("completion_tokens") or 0)
+    def _usage(finals: list[dict]) -> Usage:
+        """The prompt once (every choice reads the same one), the completions summed."""
+        prompt = int(finals[0].get("prompt_tokens") or 0)
+        completion = sum(int(f.get("completion_tokens") or 0) for f in finals)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @staticmethod
+    def _logprobs(final: dict) -> ChoiceLogprobs | None:
+        content = final.get("logprobs")
+        return None if content is None else ChoiceLogprobs(content=content)
 
     @staticmethod
     def _safety(admitted: Admitted, final: dict) -> SafetyReport:
@@ -455,11 +502,19 @@ class GatewayService:
             return f"redis unreachable: {e}"
         return None
 
-    async def sample_queue_depth(self) -> None:
+    async def sample_gauges(self) -> None:
+        """Set the gauges a scrape reads: readiness (by ``not_ready_reason``), live workers, queue depth, limits.
+
+        While Redis is unreachable only readiness changes (to 0); the last depth and worker count stay.
+        """
+        MAX_QUEUE.set(self.settings.max_queue)
+        REQUEST_TIMEOUT.set(self.settings.request_timeout_s)
+        GATEWAY_READY.set(await self.not_ready_reason() is None)
         try:
+            LIVE_WORKERS.set(int(await self._alive_script(keys=[self.keys.workers])))
             QUEUE_DEPTH.set(await self.redis.xlen(self.keys.jobs))
         except RedisError as e:
-            logger.warning("queue depth not sampled: %s", e)
+            logger.warning("queue depth and live workers not sampled: %s", e)
 
     def _first_token(self, admitted: Admitted) -> None:
         if not admitted.first_token_seen:
@@ -470,7 +525,7 @@ class GatewayService:
         elapsed = time.monotonic() - admitted.started
         REQUESTS.labels(admitted.strategy, str(status)).inc()
         REQUEST_LATENCY.labels(admitted.strategy).observe(elapsed)
-        logger.info("job %s answered: status=%d strategy=%s in %.3f s", admitted.job.id, status, admitted.strategy, elapsed)
+        logger.info("job %s answered: status=%d strategy=%s in %.3f s", admitted.id, status, admitted.strategy, elapsed)
 
     @staticmethod
     @contextmanager

@@ -62,7 +62,7 @@ def new_delta_text(sent: str, event: dict[str, Any]) -> str:
 def final_event(result: dict[str, Any]) -> dict[str, Any]:
     """The answer: text (the full continuation), finish_reason, usage and the safety report.
 
-    ``result`` keys: text, finish_reason ("stop" | "length" | "content_filter"),
+    ``result`` keys: text, finish_reason ("stop" | "length" | "content_filter"), logprobs (OpenAI's content list or None),
     prompt_tokens, completion_tokens, safety (dict), worker (id), queue_wait_s, run_s.
     """
     return {"type": "final", **result}

@@ -6,18 +6,22 @@ Shared by the gateway (redis.asyncio) and the worker (redis); each side register
 
 from __future__ import annotations
 
-# KEYS: jobs, entry:{id}   ARGV: max_queue, job JSON, timeout_s, ttl_s
-# The queue bound and the enqueue in one step, so concurrent requests cannot overshoot max_queue. The
-# entry carries the deadline on the server's clock (field ``deadline``): workers on other machines
-# compare against the server's time, never the gateway's. Returns {1, depth, entry id, deadline} or {0, depth}.
+# KEYS: jobs, entry:{id} per job   ARGV: max_queue, timeout_s, ttl_s, job JSON per job
+# The queue bound and the enqueue in one step, so concurrent requests cannot overshoot max_queue; the jobs of one
+# request (its n choices) go in together or not at all. Each entry carries the deadline on the server's clock (field
+# ``deadline``): workers on other machines compare against the server's time, never the gateway's.
+# Returns {1, depth, deadline} or {0, depth}.
 ADMIT_LUA = """
 local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[1]) then return {0, depth} end
+local n = #ARGV - 3
+if depth + n > tonumber(ARGV[1]) then return {0, depth} end
 local t = redis.call('TIME')
-local deadline = string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3]))
-local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'deadline', deadline)
-redis.call('SET', KEYS[2], id, 'EX', ARGV[4])
-return {1, depth, id, deadline}
+local deadline = string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]))
+for i = 1, n do
+  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[3 + i], 'deadline', deadline)
+  redis.call('SET', KEYS[1 + i], id, 'EX', ARGV[3])
+end
+return {1, depth, deadline}
 """
 
 # KEYS: jobs, entry:{id}, done:{id}   ARGV: old entry id or '', job JSON, deadline, ttl_s, group

@@ -18,6 +18,7 @@ from service.search.calls import (
     pick_best,
     policy_logits,
     ranked_candidates,
+    token_logprobs,
 )
 
 
@@ -29,15 +30,16 @@ def beam_prm(ctx: SearchContext) -> Strategy:
         live = [b for b in frontier if not b.finished]
         if not live:
             break
-        (logits,) = yield [Call(ModelKind.POLICY, [b.ids for b in live])]
-        logits = policy_logits(logits, ctx, step, [b.history for b in live])
+        (raw,) = yield [Call(ModelKind.POLICY, [b.ids for b in live])]
+        logits = policy_logits(raw, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)
         # Within each beam's nucleus, the `expand` most probable tokens become children.
         children = []
         for i, beam in enumerate(live):
             row = keep[i : i + 1]
             for _, tok in ranked_candidates(logits[i : i + 1], logits[i : i + 1], row, min(expand, int(row.sum())), p.tie_break):
-                children.append(beam.child(tok, ctx.eos_ids))
+                lp = token_logprobs(raw, [i], [tok], p.top_logprobs)[0] if p.logprobs else None
+                children.append(beam.child(tok, ctx.ends(beam.ids, tok), logprob=lp))
         (scores,) = yield [Call(ModelKind.PRM, [c.ids for c in children])]
         for child, score in zip(children, scores.tolist()):
             child.reward = score

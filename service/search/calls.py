@@ -15,7 +15,7 @@ prompt layout that each model expects.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +46,37 @@ class Beam:
     reward: float = -math.inf  # -inf until finished (Saffron); PRM score (beam_prm)
     finished: bool = False  # last token is EOS
     history: History | None = None  # token counts for the repetition controls (None: controls off)
+    logprobs: LogprobChain | None = None  # the policy's log-probabilities of its tokens (params.logprobs), newest first
 
-    def child(self, token: int, eos_ids: frozenset[int], reward: float | None = None) -> Beam:
-        return Beam(self.ids + [token], self.reward if reward is None else reward, token in eos_ids, penalties.child(self.history, token))
+    def child(self, token: int, finished: bool, reward: float | None = None, logprob: TokenLogprob | None = None) -> Beam:
+        chain = (logprob, self.logprobs) if logprob is not None else self.logprobs
+        return Beam(self.ids + [token], self.reward if reward is None else reward, finished, penalties.child(self.history, token), chain)
+
+
+# One generated token's entry: (token id, its log-probability, [(alternative id, log-probability), ...] best first).
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+LogprobChain = tuple  # (TokenLogprob, parent chain | None): a child shares its parent's entries, O(1) per token
+
+
+def unchain(chain: LogprobChain | None) -> list[TokenLogprob]:
+    """A Beam's log-probability entries, oldest first."""
+    out = []
+    while chain is not None:
+        entry, chain = chain
+        out.append(entry)
+    return out[::-1]
+
+
+def token_logprobs(raw_logits: torch.Tensor, rows: list[int], tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The policy's log-probabilities (log-softmax of its raw logits, before any control or bias) of ``tokens[j]``
+    in row ``rows[j]``, with the ``top`` most likely alternatives of that row."""
+    lp = torch.log_softmax(raw_logits.float(), dim=-1)
+    best = torch.topk(lp, top, dim=-1) if top else None
+    out = []
+    for r, t in zip(rows, tokens):
+        alts = list(zip(best.indices[r].tolist(), best.values[r].tolist())) if best is not None else []
+        out.append((t, float(lp[r, t]), alts))
+    return out
 
 
 @dataclass
@@ -59,6 +87,7 @@ class Decision:
     reward: float | None  # the score it was chosen by (None for the unguarded baseline)
     finished: bool
     candidates: int = 1  # frontier / sample count it was chosen from
+    logprobs: list[TokenLogprob] | None = None  # per generated token (prefill excluded), when params.logprobs
 
 
 @dataclass
@@ -70,6 +99,13 @@ class SearchContext:
     eos_ids: frozenset[int]
     generator: torch.Generator = field(default_factory=torch.Generator)  # sampling RNG, seeded by the driver
     frontier: list[list[int]] = field(default_factory=list)  # current candidates' ids, kept up to date by the strategy
+    # True when a response's generated text contains a stop sequence (params.stop; Guard.prepare builds it).
+    stop: Callable[[list[int]], bool] | None = None
+    logit_bias: torch.Tensor | None = None  # [V] added to the policy's logits (params.logit_bias)
+
+    def ends(self, ids: list[int], token: int) -> bool:
+        """Whether ``ids + [token]`` is finished: EOS, or a stop sequence in its generated text (then it ends there)."""
+        return token in self.eos_ids or (self.stop is not None and self.stop(ids + [token]))
 
 
 Strategy = Generator[list[Call], list[torch.Tensor], Decision]
@@ -84,7 +120,9 @@ def forbid_eos(logits: torch.Tensor, ctx: SearchContext, step: int) -> torch.Ten
 
 
 def policy_logits(logits: torch.Tensor, ctx: SearchContext, step: int, histories: list[History | None]) -> torch.Tensor:
-    """The policy's logits as every strategy prunes and samples them: repetition controls, then EOS rule."""
+    """The policy's logits as every strategy prunes and samples them: logit_bias, repetition controls, then EOS rule."""
+    if ctx.logit_bias is not None:
+        logits = logits.float() + ctx.logit_bias.to(logits.device)
     return forbid_eos(penalties.apply(logits, histories, ctx.params), ctx, step)
 
 
@@ -177,4 +215,4 @@ def next_frontier(ctx: SearchContext, frontier: list[Beam], children: list[Beam]
 def pick_best(frontier: list[Beam]) -> Decision:
     """The frontier node with the highest reward, the first one on ties."""
     best = frontier[best_index([b.reward for b in frontier])]
-    return Decision(best.ids, best.reward, best.finished, candidates=len(frontier))
+    return Decision(best.ids, best.reward, best.finished, candidates=len(frontier), logprobs=unchain(best.logprobs) if best.logprobs else None)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from service.config import STRATEGIES
 from service.errors import InvalidRequestError
@@ -12,6 +13,10 @@ TIE_BREAKS = ("token_id", "policy")
 # paper's exact search (DESIGN.md §2) whatever the server's settings: no repetition controls, the MRM's score alone,
 # ties to the likelier token; a request that sets one of those fields to anything else is refused.
 MODES = ("guarded", "reference")
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256  # per stop sequence
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 1024  # token ids in one logit_bias map
 REFERENCE_SEARCH = dict(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                         tie_break="policy", mrm_weight=1.0)
 
@@ -39,6 +44,21 @@ class SearchParams:
     # (DESIGN.md §2). Below 1 the policy's likelihood counts too, a serve-time weight to be chosen on the benchmark.
     mrm_weight: float = 1.0
     mode: str = "guarded"  # one of MODES
+    # OpenAI request fields the search honours (issue 16):
+    stop: tuple[str, ...] = ()  # a sequence whose generated text contains one of these ends there, like EOS
+    logprobs: bool = False  # return the policy's log-probability of each chosen token
+    top_logprobs: int = 0  # and of this many most likely alternatives per position, in [0, 20]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to the policy's logits, in [-100, 100]
+
+    def __post_init__(self):
+        # Over the queue (JSON) these arrive as a list and a map with string keys.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        try:
+            bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            bias = self.logit_bias  # validate names it
+        object.__setattr__(self, "logit_bias", bias)
 
     def validate(
         self, *, max_budget: int, max_new_tokens_limit: int, strategies: tuple[str, ...] = STRATEGIES, min_budget: int = 1
@@ -86,11 +106,33 @@ class SearchParams:
                         f"mode 'reference' is the paper's search: {name} must be {value!r} (or left unset), got {getattr(self, name)!r}",
                         param=name, code="invalid_value",
                     )
+        self._validate_openai_fields()
         if self.tie_break not in TIE_BREAKS:
             raise InvalidRequestError(
                 f"unknown tie_break {self.tie_break!r}; accepted: {', '.join(TIE_BREAKS)}", param="tie_break", code="invalid_value"
             )
         return self
+
+    def _validate_openai_fields(self) -> None:
+        if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequestError(
+                f"stop must be a string or a list of at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                param="stop", code="invalid_value",
+            )
+        if not isinstance(self.logprobs, bool):
+            raise InvalidRequestError(f"logprobs must be true or false, got {self.logprobs!r}", param="logprobs", code="invalid_value")
+        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(isinstance(k, int) and 0 <= k < 2**31 for k in bias):
+            raise InvalidRequestError(
+                f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (non-negative integers) to numbers in [-100, 100]",
+                param="logit_bias", code="invalid_value",
+            )
+        for value in bias.values():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not -100 <= value <= 100:
+                raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {value!r}", param="logit_bias", code="out_of_range")
 
     def effective_temperature(self) -> float:
         if self.temperature is not None:
@@ -98,7 +140,10 @@ class SearchParams:
         return 1.0 if self.strategy == "best_of_n" else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["stop"] = list(self.stop)
+        out["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        return out
 
 
 def params_from_settings(settings, **overrides) -> SearchParams:

@@ -106,7 +106,7 @@ class SearchRun:
             engine = self.models.engine(kind)
             if not engine.cached:
                 continue
-            prompt = len(self.layout.inputs(kind, [self.ctx.prefill_ids])[0])
+            prompt = len(self.prompt(kind))
             need[kind] = (prompt + width * p.max_new_tokens) * engine.kv_bytes_per_token + width * engine.logits_bytes
         return need
 
@@ -142,6 +142,15 @@ class SearchRun:
             if forwarded >= max_tokens:
                 break
         return forwarded
+
+    def hold_warm(self, kind: ModelKind, node) -> None:
+        """Keep a node pinned for this run's first call (a prefix loaded from the shared cache); the run unpins it."""
+        self.models.engine(kind).unpin(self._warm.get(kind) or [])
+        self._warm[kind] = [node]
+
+    def prompt(self, kind: ModelKind) -> list[int]:
+        """The input ``kind`` reads before the first generated token: its prefix and the prefill."""
+        return self.layout.inputs(kind, [self.ctx.prefill_ids])[0]
 
     def _release_warm(self) -> None:
         for kind, nodes in self._warm.items():

@@ -20,6 +20,7 @@ from service.search.calls import (
     pick_best,
     policy_logits,
     ranked_candidates,
+    token_logprobs,
 )
 
 
@@ -30,8 +31,8 @@ def saffron(ctx: SearchContext) -> Strategy:
         live = [b for b in frontier if not b.finished]
         if not live:
             break
-        logits, rewards = yield [Call(ModelKind.POLICY, [b.ids for b in live]), Call(ModelKind.MRM, [b.ids for b in live])]
-        logits = policy_logits(logits, ctx, step, [b.history for b in live])
+        raw, rewards = yield [Call(ModelKind.POLICY, [b.ids for b in live]), Call(ModelKind.MRM, [b.ids for b in live])]
+        logits = policy_logits(raw, ctx, step, [b.history for b in live])
         keep = nucleus_mask(logits, p.top_p)  # [L, V]
         if p.mrm_weight != 1.0:  # the policy's likelihood counts too (SearchParams.mrm_weight)
             log_probs = torch.log_softmax(logits.float(), dim=-1).clamp_min(-1e4)  # no -inf * 0
@@ -40,9 +41,10 @@ def saffron(ctx: SearchContext) -> Strategy:
         # already carry p.unseen_reward. Ties: see ranked_candidates and SearchParams.tie_break.
         best = ranked_candidates(rewards, logits, keep, min(p.budget, int(keep.sum())), p.tie_break)
         children = []
-        for i, tok in best:
-            done = tok in ctx.eos_ids
-            # A finished child takes its score as its reward; the others inherit -inf until they finish.
-            children.append(live[i].child(tok, ctx.eos_ids, float(rewards[i, tok]) if done else None))
+        lps = token_logprobs(raw, [i for i, _ in best], [t for _, t in best], p.top_logprobs) if p.logprobs else [None] * len(best)
+        for (i, tok), lp in zip(best, lps):
+            done = ctx.ends(live[i].ids, tok)  # EOS or a stop sequence
+            # A finished child takes its score at its last token as its reward; the others inherit -inf until they finish.
+            children.append(live[i].child(tok, done, float(rewards[i, tok]) if done else None, lp))
         frontier = next_frontier(ctx, frontier, children)
     return pick_best(frontier)

@@ -12,6 +12,7 @@ from service.search.calls import (
     best_index,
     policy_logits,
     sample_tokens,
+    token_logprobs,
 )
 
 
@@ -21,30 +22,35 @@ def _sample(ctx: SearchContext, n: int):
     seqs = [list(ctx.prefill_ids) for _ in range(n)]
     histories = [penalties.start(ctx.params, ctx.prefill_ids)] * n
     done = [False] * n
+    lps: list[list] = [[] for _ in range(n)]
     for step in range(ctx.params.max_new_tokens):
         live = [i for i in range(n) if not done[i]]
         if not live:
             break
-        (logits,) = yield [Call(ModelKind.POLICY, [seqs[i] for i in live])]
-        logits = policy_logits(logits, ctx, step, [histories[i] for i in live])
-        for i, tok in zip(live, sample_tokens(logits, temperature, ctx.generator).tolist()):
+        (raw,) = yield [Call(ModelKind.POLICY, [seqs[i] for i in live])]
+        logits = policy_logits(raw, ctx, step, [histories[i] for i in live])
+        tokens = sample_tokens(logits, temperature, ctx.generator).tolist()
+        if ctx.params.logprobs:
+            for i, lp in zip(live, token_logprobs(raw, list(range(len(live))), tokens, ctx.params.top_logprobs)):
+                lps[i].append(lp)
+        for i, tok in zip(live, tokens):
+            done[i] = ctx.ends(seqs[i], tok)
             seqs[i].append(tok)
             histories[i] = penalties.child(histories[i], tok)
-            done[i] = tok in ctx.eos_ids
         ctx.frontier = seqs
-    return seqs, done
+    return seqs, done, lps
 
 
 def unguarded(ctx: SearchContext) -> Strategy:
     """Greedy (default) or sampled decoding with no guidance."""
-    (seqs, done) = yield from _sample(ctx, 1)
-    return Decision(seqs[0], None, done[0])
+    seqs, done, lps = yield from _sample(ctx, 1)
+    return Decision(seqs[0], None, done[0], logprobs=lps[0] if ctx.params.logprobs else None)
 
 
 def best_of_n(ctx: SearchContext) -> Strategy:
     """N independent samples, each scored once by the outcome judge; the best is kept (first on ties)."""
-    seqs, done = yield from _sample(ctx, ctx.params.budget)
+    seqs, done, lps = yield from _sample(ctx, ctx.params.budget)
     (scores,) = yield [Call(ModelKind.JUDGE, seqs)]
     rewards = scores.tolist()
     best = best_index(rewards)
-    return Decision(seqs[best], rewards[best], done[best], candidates=len(seqs))
+    return Decision(seqs[best], rewards[best], done[best], candidates=len(seqs), logprobs=lps[best] if ctx.params.logprobs else None)

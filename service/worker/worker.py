@@ -29,12 +29,14 @@ import redis
 
 from service import metrics
 from service.config import Settings
+from service.engine.prefix_store import SharedPrefixCache
 from service.errors import SaffronError
 from service.guard import Guard
+from service.models.kinds import ModelKind
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_GRACE_S, Keys, check_redis_version, result_ttl_s
 from service.queue.scripts import ANSWER_LUA, BEAT_LUA, REQUEUE_LUA
-from service.search.runner import Batch, SearchRun
+from service.search.runner import STRATEGY_ENGINES, Batch, SearchRun
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Active:
     need: dict = field(default_factory=dict)  # ModelKind -> the trie bytes the search may pin (SearchRun.cache_bytes_needed)
     started: float = field(default_factory=time.time)
     in_batch: bool = False  # False while it waits for trie memory that running searches hold
+    shared: bool = False  # its prompt's full blocks went to the shared prefix cache
     streamed_text: str = ""  # committed answer text already sent as deltas
 
 
@@ -106,6 +109,13 @@ class Worker:
         self._beat_script = client.register_script(BEAT_LUA)
         self._requeue_script = client.register_script(REQUEUE_LUA)
         self.clock_offset = 0.0  # the Redis server's clock minus ours, measured by every heartbeat
+        self.prefix_cache = None  # prefix KV shared with other workers in Redis (settings.prefix_cache)
+        if settings.prefix_cache:
+            self.prefix_cache = SharedPrefixCache(
+                settings.prefix_cache_url or settings.redis_url, settings.redis_prefix, block_tokens=settings.prefix_cache_block_tokens,
+                ttl_s=settings.prefix_cache_ttl_s, timeout_s=settings.prefix_cache_timeout_s,
+            )
+        self._seen_prefix = (0, 0, 0, 0, 0, 0, 0, 0)
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -337,6 +347,7 @@ class Worker:
                 logger.info("job %s waits for trie memory: %d search(es) hold it", a.job.id, len(running))
                 return
             try:
+                self.load_shared_prefix(a)
                 self.batch.add(a.entry_id, a.run)
             except Exception:
                 logger.exception("job %s could not be started", a.job.id)
@@ -359,6 +370,7 @@ class Worker:
                 a = next(a for a in self.active if a.entry_id == key)
                 logger.error("job %s: its search step fails on its own (%r)", a.job.id, error)
                 self.fail(a.entry_id, a.job, error_event(500, "internal error while searching", code="search_failed"), "error", a)
+        self.share_prefixes()
         self.export_cache_metrics()
         done = {key for key, _ in finished}
         for a in list(self.active):
@@ -400,6 +412,7 @@ class Worker:
                 "worker": self.id,
                 "queue_wait_s": a.started - a.job.created,
                 "run_s": time.time() - a.started,
+                "logprobs": result.logprobs,  # None unless the request asked for them
             }
         )
         self.answer(a.job, event)
@@ -431,6 +444,36 @@ class Worker:
             self.drop(a)
             self.retire(a, "handed_back", requeue=True)
             logger.warning("job %s handed back to the queue", a.job.id)
+
+    # ------------------------------------------------------------------ shared prefix cache
+    def shared_kinds(self, run: SearchRun) -> list[ModelKind]:
+        """The cached engines of this run whose prompts are shared in Redis: the policy and the MRM."""
+        kinds = [k for k in STRATEGY_ENGINES[run.ctx.params.strategy] if k in (ModelKind.POLICY, ModelKind.MRM)]
+        return [k for k in kinds if self.guard.models.engine(k).cached]
+
+    def load_shared_prefix(self, a: Active) -> None:
+        """Before the search starts: the longest chain of its prompts' blocks other workers stored, into our trie."""
+        if self.prefix_cache is None:
+            return
+        for kind in self.shared_kinds(a.run):
+            node = self.prefix_cache.load(self.guard.models.engine(kind), a.run.prompt(kind))
+            if node is not None:
+                a.run.hold_warm(kind, node)
+
+    def share_prefixes(self) -> None:
+        """After a search's first call (its prompts are in our trie): queue their full blocks for Redis."""
+        if self.prefix_cache is None:
+            return
+        for a in self.active:
+            if a.in_batch and not a.shared and a.run.stats.steps >= 1:
+                a.shared = True
+                for kind in self.shared_kinds(a.run):
+                    self.prefix_cache.store(self.guard.models.engine(kind), a.run.prompt(kind))
+
+    def close(self) -> None:
+        """Stop the shared prefix cache's writer (queued write-backs are finished first)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     # ------------------------------------------------------------------ helpers
     def drop(self, a: Active) -> None:

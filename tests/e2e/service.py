@@ -28,6 +28,7 @@ class Processes:
     workers: dict[str, subprocess.Popen]
     gateway: subprocess.Popen
     env: dict[str, str] = field(repr=False, default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # worker id -> its /metrics port
 
     def restart_redis(self) -> None:
         """Stop the server and start an empty one on the same port (the shipped server keeps nothing on disk)."""
@@ -41,12 +42,13 @@ def service_processes(env: dict[str, str] | None = None, workers: tuple[str, ...
     redis_port, port = free_port(), free_port()
     srv = start_redis_server(port=redis_port)
     env = os.environ | (env or {}) | {"SAFFRON_REDIS_URL": srv.url}
+    metrics_ports = {w: free_port() for w in workers}
     procs = {
-        w: subprocess.Popen([*CLI, "worker", "--id", w], cwd=ROOT, env=env | {"SAFFRON_WORKER_METRICS_PORT": str(free_port())})
+        w: subprocess.Popen([*CLI, "worker", "--id", w], cwd=ROOT, env=env | {"SAFFRON_WORKER_METRICS_PORT": str(metrics_ports[w])})
         for w in workers
     }
     gateway = subprocess.Popen([*CLI, "gateway", "--port", str(port)], cwd=ROOT, env=env)
-    running = Processes(f"http://127.0.0.1:{port}/v1", srv, redis_port, procs, gateway, env)
+    running = Processes(f"http://127.0.0.1:{port}/v1", srv, redis_port, procs, gateway, env, metrics_ports)
     try:
         wait_until_ok(f"http://127.0.0.1:{port}/ready", ready_s, (*procs.values(), gateway))
         yield running

@@ -78,3 +78,75 @@ def test_errors_come_in_openai_shape(client):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     models = client.models.list()
     assert "saffron-guard" in [m.id for m in models.data]
+
+
+# --- OpenAI request fields real clients send (issue 16) -------------------------------------------------------
+
+COUNT = [{"role": "user", "content": "Count from one to ten, in words, separated by commas."}]
+
+
+def ask(client, **kwargs):
+    kwargs.setdefault("extra_body", {"safety": {"strategy": "none", "min_new_tokens": 0}})
+    kwargs.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model="saffron-guard", messages=COUNT, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain(base_url) -> str:
+    """The greedy answer without stop sequences, to cut by hand."""
+    client = openai.OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=300)
+    text = ask(client).choices[0].message.content
+    assert len(text) >= 14, text
+    return text
+
+
+def test_stop_string_ends_the_answer_before_it_even_across_tokens(client, plain):
+    stop = plain[5:9]  # four characters from inside the answer: they span a token boundary or split a token
+    resp = ask(client, stop=stop)
+    assert resp.choices[0].message.content == plain[: plain.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_stop_list_ends_at_the_earliest_and_streaming_never_sends_past_it(client, plain):
+    stops = ["@@@@", plain[10:13], plain[6:8]]
+    cut = min(plain.find(s) for s in stops if s in plain)
+    resp = ask(client, stop=stops)
+    assert resp.choices[0].message.content == plain[:cut]
+    chunks = list(ask(client, stop=stops, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == plain[:cut]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_stop_in_the_guarded_search(client, plain):
+    resp = ask(client, stop=[" "], extra_body={"safety": {"strategy": "saffron", "budget": 2, "min_new_tokens": 0}})
+    assert " " not in resp.choices[0].message.content and resp.choices[0].finish_reason == "stop"
+
+
+def test_n_choices(client):
+    resp = ask(client, n=2, temperature=1.0, seed=3, max_tokens=8, extra_body={"safety": {"strategy": "none", "min_new_tokens": 8}})
+    assert [c.index for c in resp.choices] == [0, 1] and all(c.message.content for c in resp.choices)
+    assert resp.usage.completion_tokens == 16
+
+
+def test_logprobs_are_the_policys_for_every_token(client):
+    resp = ask(client, logprobs=True, top_logprobs=2, max_tokens=6, extra_body={"safety": {"strategy": "none", "min_new_tokens": 6}})
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 6
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= -9999
+    assert "".join(i.token for i in content) == resp.choices[0].message.content
+
+
+def test_logit_bias_bans_a_token(client, default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    first = ask(client, logprobs=True, max_tokens=3).choices[0].logprobs.content[0].token
+    (banned,) = tok.encode(first, add_special_tokens=False)
+    resp = ask(client, logprobs=True, max_tokens=3, logit_bias={str(banned): -100})
+    assert resp.choices[0].logprobs.content[0].token != first
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, logit_bias={str(10**9): 1})  # outside the vocabulary
+    assert e.value.body["param"] == "logit_bias"

@@ -18,12 +18,12 @@ import anyio
 import httpx
 import openai
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config import Settings
 from service.gateway.app import create_app
+from service.metrics import GATEWAY_REGISTRY
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, Keys
 from service.queue.scripts import REQUEUE_LUA
@@ -93,7 +93,7 @@ async def running(settings: Settings, *, worker: bool = True) -> AsyncIterator[G
 
 
 def requests_count(strategy: str, status: int) -> float:
-    return REGISTRY.get_sample_value("saffron_requests_total", {"strategy": strategy, "status": str(status)}) or 0.0
+    return GATEWAY_REGISTRY.get_sample_value("saffron_requests_total", {"strategy": strategy, "status": str(status)}) or 0.0
 
 
 def sse_frames(text: str) -> list[str]:
@@ -269,7 +269,7 @@ async def test_api_keys(make_settings):
         (json.dumps({"model": "saffron-guard"}), 422, None, "messages"),
         ('{"model": "saffron-guard", "messages": [', 400, "invalid_json", None),
         (json.dumps({**CHAT, "safety": {"budget": 0}}), 400, "out_of_range", "safety.budget"),
-        (json.dumps({**CHAT, "n": 2}), 400, None, "n"),
+        (json.dumps({**CHAT, "n": 99}), 400, "out_of_range", "n"),
         (json.dumps({**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "content": "Sure"}]}), 400, None, "messages"),
     ],
 )
@@ -504,7 +504,7 @@ async def test_a_waiting_request_survives_a_redis_restart_that_lost_its_job(monk
     port = free_port()
     server = start_redis_server(port=port)
     settings = Settings(redis_url=server.url, redis_prefix="lost", redis_pool_timeout_s=2)
-    requeued = REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0
+    requeued = GATEWAY_REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0
     try:
         async with running(settings) as gw:
 
@@ -529,7 +529,7 @@ async def test_a_waiting_request_survives_a_redis_restart_that_lost_its_job(monk
             assert await gw.redis.xlen(gw.keys.jobs) == 1  # queued once, not once per check
             (_, fields), = await gw.redis.xrange(gw.keys.jobs)
             assert float(fields["deadline"]) > time.time()
-        assert (REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0) == requeued + 1
+        assert (GATEWAY_REGISTRY.get_sample_value("saffron_jobs_requeued_total") or 0.0) == requeued + 1
     finally:
         server.stop()
 
@@ -548,3 +548,68 @@ async def test_a_job_already_queued_again_or_answered_is_not_queued_a_second_tim
         await gw.redis.delete(gw.keys.entry(job.id))
         assert await script(keys=keys, args=args) == 0  # answered
         assert await gw.redis.xlen(gw.keys.jobs) == 1
+
+
+async def test_n_choices_are_n_jobs_answered_as_one_completion(make_settings):
+    """n = 2: two guarded searches (seeds s and s + 1), queued together; choices by index, the prompt counted once."""
+    async with running(make_settings()) as gw:
+        taken = []
+
+        async def worker() -> None:
+            for _ in range(2):
+                taken.append(await gw.take_job())
+            for i, job in enumerate(reversed(taken)):  # answered out of order
+                await gw.send(job, final_event({**FINAL, "text": f"answer {job.params['seed']}", "completion_tokens": 3 + i}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            resp = await gw.client.post("/v1/chat/completions", json={**CHAT, "n": 2, "seed": 7})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert [j.params["seed"] for j in taken] == [7, 8] and [j.id for j in taken] == [f"{body['id']}-0", f"{body['id']}-1"]
+        assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [(0, "answer 7"), (1, "answer 8")]
+        assert all(c["safety"]["strategy"] == "saffron" for c in body["choices"])  # each choice's own report
+        assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+
+
+async def test_n_choices_stream_interleaved_by_index(make_settings):
+    async with running(make_settings()) as gw:
+
+        async def worker() -> None:
+            a, b = await gw.take_job(), await gw.take_job()
+            await gw.send(a, delta_event("Hel", 0))
+            await gw.send(b, delta_event("Bye", 0))
+            await gw.send(b, final_event({**FINAL, "text": "Bye now"}))
+            await gw.send(a, final_event(FINAL))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            resp = await gw.client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}})
+        chunks = [json.loads(f) for f in sse_frames(resp.text) if f != "[DONE]"]
+        texts, finished = {0: "", 1: ""}, []
+        for c in chunks:
+            for choice in c["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content") or ""
+                if choice.get("finish_reason"):
+                    finished.append(choice["index"])
+        assert texts == {0: "Hello world", 1: "Bye now"} and finished == [1, 0]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_logprobs_from_the_worker_reach_the_client_in_openai_shape(make_settings):
+    content = [{"token": "Hello", "logprob": -0.5, "bytes": [72, 101, 108, 108, 111], "top_logprobs": [{"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]}]
+    async with running(make_settings()) as gw:
+        job = None
+
+        async def worker() -> None:
+            nonlocal job
+            job = await gw.take_job()
+            await gw.send(job, final_event({**FINAL, "logprobs": content}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", http_client=gw.client)
+            resp = await client.chat.completions.create(model="saffron-guard", messages=CHAT["messages"], logprobs=True, top_logprobs=1)
+        assert (job.params["logprobs"], job.params["top_logprobs"]) == (True, 1)
+        lp = resp.choices[0].logprobs.content[0]
+        assert (lp.token, lp.logprob, lp.top_logprobs[0].token) == ("Hello", -0.5, "Hi")

@@ -83,9 +83,18 @@ def test_temperature_out_of_range(settings):
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"n": 2}, "n"), ({"stop": "\n"}, "stop"), ({"stop": ["a"]}, "stop"), ({"stream_options": {"include_usage": True}}, "stream_options")],
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's limit is 4
+        ({"stop": [""]}, "stop"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"42": 101}}, "logit_bias"),
+        ({"logit_bias": {"forty-two": 1}}, "logit_bias"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias"),
+    ],
 )
-def test_unsupported_options_are_400(settings, fields, param):
+def test_out_of_range_openai_options_are_400_naming_the_field(settings, fields, param):
     with pytest.raises(InvalidRequestError) as e:
         make(**fields).to_search_params(settings)
     assert (e.value.status_code, e.value.param) == (400, param)
@@ -93,6 +102,13 @@ def test_unsupported_options_are_400(settings, fields, param):
 
 def test_empty_stop_and_n_1_are_fine(settings):
     make(n=1, stop=[], stream=True, stream_options={"include_usage": True}).to_search_params(settings)
+
+
+def test_stop_logprobs_and_logit_bias_reach_the_search(settings):
+    p = make(stop="\n", logprobs=True, top_logprobs=3, logit_bias={"42": -100, "7": 2.5}).to_search_params(settings)
+    assert (p.stop, p.logprobs, p.top_logprobs, p.logit_bias) == (("\n",), True, 3, {42: -100, 7: 2.5})
+    again = type(p)(**p.to_dict())  # over the queue: JSON list and string keys, back to the same parameters
+    assert again == p
 
 
 def test_content_parts_are_joined_and_developer_is_system():
@@ -118,9 +134,9 @@ def test_continue_final_message_rules():
 
 def test_unknown_fields_are_ignored_and_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="service.gateway.protocol"):
-        req = make(logit_bias={"1": 2}, frequency_penalty=0.5)
-    assert not hasattr(req, "logit_bias")
-    assert "logit_bias" in caplog.text and "frequency_penalty" not in caplog.text  # a known field now
+        req = make(x_vendor_hint="fast", frequency_penalty=0.5)
+    assert not hasattr(req, "x_vendor_hint")
+    assert "x_vendor_hint" in caplog.text and "frequency_penalty" not in caplog.text  # a known field now
 
 
 def test_repetition_controls_and_tie_break(settings):
@@ -200,3 +216,22 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_crash():
     with pytest.raises(InvalidRequestError, match="nested too deeply") as err:
         ChatCompletionRequest.from_json(body)
     assert err.value.status_code == 400 and err.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+     ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("audio", {"voice": "x"}), ("modalities", ["audio"]),
+     ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {})],
+)
+def test_fields_a_guard_cannot_honour_are_400_naming_them(settings, field, value):
+    with pytest.raises(InvalidRequestError) as e:
+        make(**{field: value}).to_search_params(settings)
+    assert (e.value.status_code, e.value.param, e.value.code) == (400, field, "unsupported_parameter")
+
+
+def test_their_harmless_defaults_and_ignored_fields_are_accepted_with_a_warning(settings, caplog):
+    with caplog.at_level(logging.WARNING, logger="service.gateway.protocol"):
+        make(response_format={"type": "text"}, modalities=["text"], tools=[], tool_choice="none", top_p=0.5, store=False,
+             metadata={"a": "b"}, user="u-1").to_search_params(settings)
+    assert "ignoring request fields ['top_p', 'metadata', 'store']" in caplog.text

@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 import redis
-from prometheus_client import REGISTRY
 
 from service import metrics
 from service.config import Settings
@@ -338,7 +337,7 @@ def test_the_worker_survives_a_redis_restart_that_lost_everything(guard):
     settings = Settings(redis_url=url, redis_prefix="restart", worker_claim_idle_s=1.0)
     client = redis.Redis.from_url(url, decode_responses=True)
     worker = Worker(settings, guard, redis.Redis.from_url(url, decode_responses=True), "survivor")
-    errors_before = REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0
+    errors_before = metrics.WORKER_REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0
     loop = threading.Thread(target=worker.run, kwargs={"install_signals": False})
     loop.start()
     second = None
@@ -357,7 +356,7 @@ def test_the_worker_survives_a_redis_restart_that_lost_everything(guard):
         while time.time() < deadline and not (events(client, settings, job) and events(client, settings, job)[-1]["type"] == "final"):
             time.sleep(0.2)
         assert events(client, settings, job)[-1]["type"] == "final", events(client, settings, job)
-        assert (REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0) > errors_before
+        assert (metrics.WORKER_REGISTRY.get_sample_value("saffron_worker_redis_errors_total", {"kind": "lost_group"}) or 0.0) > errors_before
     finally:
         worker.stopping = True
         loop.join(timeout=60)
@@ -431,3 +430,51 @@ def test_searches_start_only_while_their_trie_bounds_fit_the_budget(guard, setti
     serve_until(worker, client, settings, [too_big])
     last = events(client, settings, too_big)[-1]
     assert (last["type"], last["status"], last["error"]["code"], last["error"]["param"]) == ("error", 400, "cache_budget_exceeded", "safety.budget")
+
+
+# A long operator system prompt (~650 policy tokens with the chat template), the same in every request.
+LONG_SYSTEM = " ".join(f"Rule {i}: answer politely, stay on topic and never give instructions that could hurt someone." for i in range(30))
+
+
+def test_a_second_worker_process_loads_the_prefix_the_first_one_prefilled(settings, client):
+    """Issue 15: the same prompt, answered by worker A, then by a cold worker B: B's answer is token-identical and
+    it forwards only what lies past the last full shared block."""
+    keys = Keys(settings.redis_prefix)
+    # fp32: like the local trie, int8 may round a token differently when a prefix is computed in another split.
+    env = {"SAFFRON_PREFIX_CACHE": "on", "SAFFRON_PREFIX_CACHE_TIMEOUT_S": "10", "SAFFRON_QUANTIZE": "none", "SAFFRON_SYSTEM_PROMPT": LONG_SYSTEM}
+    answers = []
+    for worker_id in ("first", "second"):
+        proc = start_worker(settings, worker_id, **env)
+        try:
+            wait_for(lambda: client.exists(keys.worker(worker_id)), what="heartbeat")  # noqa: B023
+            job = enqueue(client, settings, "How do I bake bread?", max_new_tokens=6, min_new_tokens=6, strategy="saffron", budget=2)
+            wait_for(lambda: events(client, settings, job), what="an answer")  # noqa: B023
+            answers.append(events(client, settings, job)[-1])
+            if worker_id == "first":  # its write-back runs off the request's path: wait until the blocks are there
+                blocks = answers[0]["prompt_tokens"] // 32  # an index and a payload key each
+                wait_for(lambda: len(client.keys(f"{settings.redis_prefix}:kv:*")) >= 2 * blocks, what="the shared blocks")  # noqa: B023
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+    a, b = answers
+    assert a["type"] == b["type"] == "final" and (a["worker"], b["worker"]) == ("first", "second")
+    assert b["text"] == a["text"] and b["safety"]["reward"] == a["safety"]["reward"]
+    prompt = a["prompt_tokens"]
+    shared = prompt // 32 * 32
+    assert shared >= 512
+    assert b["safety"]["policy_forward_tokens"] == a["safety"]["policy_forward_tokens"] - shared + (prompt == shared)
+
+
+def test_a_prefix_cache_server_that_is_down_costs_nothing_but_the_cache(guard, settings, client):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    shared = Settings(**(settings.model_dump() | {"prefix_cache": True, "prefix_cache_url": dead, "prefix_cache_timeout_s": 0.2}))
+    worker = Worker(shared, guard, client, "no-cache")
+    try:
+        for engine in (guard.models.policy_engine, guard.models.mrm_engine):
+            engine.cache.clear()  # cold: the worker must try the shared cache
+        job = enqueue(client, settings, "Say hi." * 20, max_new_tokens=4, min_new_tokens=4, strategy="saffron", budget=2)
+        serve_until(worker, client, settings, [job])
+        assert events(client, settings, job)[-1]["type"] == "final"
+        assert worker.prefix_cache.stats.errors >= 1 and worker.prefix_cache.stats.hit_blocks == 0
+    finally:
+        worker.close()
