@@ -16,10 +16,11 @@ call costs O(log n) per leaf it evicts, queues or refreshes instead of O(n) for 
 Values are stored per node as one tensor ``kv[n_layers, 2, n_kv_heads, n_tokens, head_dim]``
 so a node split or a batch gather is one slice per node, whatever the number of layers.
 
-Memory: a node holds its KV and, only while it is a search frontier, the full-vocabulary logits at
-its last token: they are dropped when the node gets a child, and CachedLM drops them when the last
-search holding the node unpins it (a pruned branch). The byte budget counts both, pinned nodes
-included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
+Memory: a node holds its KV and, only while it is a search frontier or an unexpanded leaf, the
+full-vocabulary logits at its last token: they are dropped when the node gets a child, when a node
+with children is released by the last pin on it (``dec_lock_ref``: logits recomputed on an interior
+node for one query), and CachedLM drops them when the last search holding a node unpins it (a
+pruned branch). The byte budget counts both, pinned nodes included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
 is 46,080 bytes of KV; logits are 196,608 bytes per leaf, not per token.
 """
 
@@ -191,6 +192,10 @@ class TrieCache:
             assert node.lock_ref > 0, f"unbalanced dec_lock_ref on {node}"
             node.lock_ref -= 1
             if node.lock_ref == 0:
+                if node.children:
+                    # Interior and held by no one: no search expands it again, so its logits (recomputed for a
+                    # query that passed through it, e.g. a repeated prompt) are read by nobody. The node's KV stays.
+                    self.drop_logits(node)
                 self._update_evictable(node)
             node = node.parent  # type: ignore[assignment]
 

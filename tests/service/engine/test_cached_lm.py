@@ -79,11 +79,15 @@ def test_query_ending_inside_a_node_recomputes_only_its_last_token(tiny_llama):
     lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
     seq = [3, 1, 4, 1, 5, 9, 2, 6]
     lm.last_logits([seq])
-    logits, nodes, stats = lm.last_logits([seq[:5]])
+    logits, nodes, stats = lm.last_logits([seq[:5]], pin=True)
     assert (stats.forwarded_tokens, stats.recomputed_tokens) == (1, 1)
     torch.testing.assert_close(logits[0], full_forward_last_logits(tiny_llama, seq[:5]), atol=1e-4, rtol=0)
     _, _, again = lm.last_logits([seq[:5]])
-    assert again.forwarded_tokens == 0
+    assert again.forwarded_tokens == 0  # held by the pin: its logits stay
+    lm.unpin(nodes)  # an interior node nobody holds: its logits go, its KV stays
+    assert nodes[0].children and nodes[0].logits is None
+    _, _, third = lm.last_logits([seq[:5]])
+    assert (third.forwarded_tokens, third.recomputed_tokens) == (1, 1)
     lm.cache.check_invariants()
 
 
@@ -161,4 +165,30 @@ def test_pruned_branches_lose_their_logits_when_unpinned(tiny_llama):
     assert lm.cache.nbytes == kv + sum(n.logits.numel() * n.logits.element_size() for n in with_logits)
     lm.unpin(nxt)
     assert all(n.logits is None for n in lm.cache._iter_nodes())
+    lm.cache.check_invariants()
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_repeated_search_leaves_no_logits_on_interior_nodes(tiny_llama, pin):
+    # The soak's finding: a second pass over a tree already expanded recomputes each interior node's logits
+    # (they were dropped when it got children); once the pass is over nothing holds them, so they must go too.
+    lm = CachedLM(tiny_llama, TrieCache(max_bytes=1 << 30))
+
+    def search():
+        frontier, held = [list(range(1, 20))], []
+        for step in range(5):
+            _, nodes, _ = lm.last_logits(frontier, pin=pin)
+            lm.unpin(held)  # as a search does: the next frontier is pinned before the previous one is released
+            held = nodes if pin else []
+            frontier = [seq + [t] for seq in frontier for t in (step + 1, step + 2)][:8]
+        lm.unpin(held)
+
+    search()
+    first = {n.id for n in lm.cache._iter_nodes() if n.logits is not None}
+    before = lm.cache.nbytes
+    search()
+    nodes = list(lm.cache._iter_nodes())
+    assert [n for n in nodes if n.children and n.logits is not None] == []
+    assert {n.id for n in nodes if n.logits is not None} <= first  # no node gained logits it did not hold after the first pass
+    assert lm.cache.nbytes <= before
     lm.cache.check_invariants()
