@@ -296,6 +296,10 @@ class Guard:
         text = self.models.tokenizer.decode([t for t in run.committed[len(run.ctx.prefill_ids) :] if t not in eos], skip_special_tokens=True)
         return streamable(text, run.ctx.params.stop)  # never past a stop sequence, nor a tail that may become one
 
+    def engine_cache_bytes(self) -> dict[ModelKind, int]:
+        """Bytes each cached engine's trie holds now (KV and frontier logits)."""
+        return {kind: self.models.engine(kind).cache.nbytes for kind in ENGINE_KINDS if self.models.engine(kind).cached}
+
     def engine_totals(self) -> dict[ModelKind, tuple[int, int, int, int]]:
         """Per engine since start: (query tokens, forwarded tokens, tokens reused from the trie, tokens evicted)."""
         totals = {}

@@ -9,7 +9,8 @@ prometheus_client's default ``REGISTRY``, which no process serves (tests/deploy/
 Everything countable is a counter (rates and hit ratios are computed in PromQL, e.g.
 ``rate(saffron_trie_reused_tokens_total[5m]) / rate(saffron_trie_query_tokens_total[5m])``);
 labels are bounded: strategy (4 values), status (HTTP codes we emit), model (policy/mrm/prm),
-source (policy/guard), outcome (a handful), kind (Redis error class names).
+source (policy/guard), outcome (a handful), kind (Redis error class names), result/direction/operation/reason of
+the prefix cache (a handful each).
 """
 
 from __future__ import annotations
@@ -68,6 +69,29 @@ TRIE_QUERY_TOKENS = Counter("saffron_trie_query_tokens_total", "Tokens asked of 
 TRIE_FORWARDED_TOKENS = Counter("saffron_trie_forwarded_tokens_total", "Tokens actually run through a model", ["model"], registry=_WK)
 TRIE_REUSED_TOKENS = Counter("saffron_trie_reused_tokens_total", "Query tokens served from the trie cache (hits)", ["model"], registry=_WK)
 TRIE_EVICTED_TOKENS = Counter("saffron_trie_evicted_tokens_total", "Tokens evicted from a trie cache", ["model"], registry=_WK)
+# The prefix KV shared across workers in Redis (SAFFRON_PREFIX_CACHE; service/engine/prefix_store.py), policy and MRM together.
+PREFIX_CACHE_BLOCKS = Counter(
+    "saffron_prefix_cache_blocks_total", "Full prefix blocks looked up in Redis (hit: loaded into the trie, miss: not there) or written back (stored)",
+    ["result"], registry=_WK,
+)
+PREFIX_CACHE_BYTES = Counter("saffron_prefix_cache_bytes_total", "Bytes of prefix KV moved between a worker and Redis", ["direction"], registry=_WK)
+PREFIX_CACHE_BAD_BLOCKS = Counter(
+    "saffron_prefix_cache_bad_blocks_total", "Prefix blocks ignored: header, checksum, shape or fingerprint mismatch (the prefix is computed locally)",
+    ["reason"], registry=_WK,
+)
+PREFIX_CACHE_SKIPPED = Counter(
+    "saffron_prefix_cache_skipped_total", "Prefix loads not tried (recomputing estimated faster, or Redis failing) and write-backs dropped",
+    ["operation"], registry=_WK,
+)
+PREFIX_CACHE_ERRORS = Counter(
+    "saffron_prefix_cache_errors_total", "Redis errors and timeouts of the prefix cache; each falls back to local computation", registry=_WK
+)
+PREFIX_CACHE_SECONDS = Histogram(
+    "saffron_prefix_cache_seconds", "Time of one prefix load from Redis (on the request's path) or one write-back (off it)", ["operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=_WK,
+)
+TRIE_CACHE_BYTES = Gauge("saffron_trie_cache_bytes", "Bytes a model's trie cache holds now (KV and frontier logits)", ["model"], registry=_WK)
+TRIE_CACHE_LIMIT = Gauge("saffron_trie_cache_limit_bytes", "SAFFRON_TRIE_CACHE_BYTES: the bound of each model's trie cache", registry=_WK)
 BATCH_ROWS = Histogram("saffron_batch_rows", "Sequences asked of a model per worker round (across requests)", ["model"], buckets=TOKEN_BUCKETS, registry=_WK)
 WORKER_BUSY = Gauge("saffron_worker_busy", "Searches a worker is stepping right now", registry=_WK)
 WORKER_JOBS = Counter("saffron_worker_jobs_total", "Jobs a worker finished, by outcome", ["outcome"], registry=_WK)

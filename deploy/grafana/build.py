@@ -201,12 +201,50 @@ def cache_panels() -> list[Timeseries]:
                       query(by_model("saffron_trie_forwarded_tokens_total"), "{{model}} forwarded", "B")],
         ),
         panel(
+            "Trie cache memory", "Bytes each model's trie cache holds (KV and frontier logits) against SAFFRON_TRIE_CACHE_BYTES, the bound of each.",
+            "bytes", [query(f"max by (model) ({sel('saffron_trie_cache_bytes')})", "{{model}}", "A"),
+                      query(f"max({sel('saffron_trie_cache_limit_bytes')})", "limit", "B")], limit="limit",
+        ),
+        panel(
             "Trie evicted tokens / s", "Tokens evicted from each model's cache to stay under SAFFRON_TRIE_CACHE_BYTES.",
             "short", [query(by_model("saffron_trie_evicted_tokens_total"), "{{model}}", "A")],
         ),
         panel(
             "Batch rows (p50 / p95)", "Sequences asked of each model per worker round, across all the searches a worker steps together.",
             "short", quantiles("saffron_batch_rows", "model"),
+        ),
+    ]
+
+
+def prefix_cache_panels() -> list[Timeseries]:
+    """The prefix KV workers share in Redis (SAFFRON_PREFIX_CACHE); empty while it is off."""
+    def by(metric: str, label: str) -> str:
+        return f"sum by ({label}) ({rate(metric)})"
+
+    blocks = "saffron_prefix_cache_blocks_total"
+    hit, looked_up = 'result="hit"', 'result=~"hit|miss"'
+    return [
+        panel(
+            "Prefix cache hit ratio", "Full prefix blocks a worker found in Redis among those it looked up (a cold worker skipping a prefill).",
+            "percentunit", [query(f"sum({rate(blocks, hit)}) / sum({rate(blocks, looked_up)})", "hit ratio", "A")],
+        ),
+        panel(
+            "Prefix blocks / s", "Blocks loaded from Redis (hit), looked up and not there (miss), and written back (stored).",
+            "short", [query(by(blocks, "result"), "{{result}}", "A")],
+        ),
+        panel(
+            "Prefix KV bytes / s", "Bytes of prefix KV loaded from Redis and stored into it.",
+            "Bps", [query(by("saffron_prefix_cache_bytes_total", "direction"), "{{direction}}", "A")],
+        ),
+        panel(
+            "Prefix load and store latency (p50 / p95)", "One load (on the request's path, bounded by SAFFRON_PREFIX_CACHE_TIMEOUT_S) or write-back (off it).",
+            "s", quantiles("saffron_prefix_cache_seconds", "operation"),
+        ),
+        panel(
+            "Prefix cache trouble / s", "Redis errors (each falls back to local computation), blocks ignored as bad by reason, loads skipped and write-backs dropped.",
+            "short", [query(f"sum({rate('saffron_prefix_cache_errors_total')})", "Redis errors", "A"),
+                      query(by("saffron_prefix_cache_bad_blocks_total", "reason"), "bad: {{reason}}", "B"),
+                      query(by("saffron_prefix_cache_skipped_total", "operation"), "skipped {{operation}}", "C")],
         ),
     ]
 
@@ -235,7 +273,7 @@ def build() -> dict:
             .enable(True).hide(True).icon_color("rgba(0, 211, 255, 1)").type("dashboard").built_in(1)
         )
     )
-    sections = (("Gateway", gateway_panels()), ("Workers", worker_panels()), ("Trie cache", cache_panels()), ("Processes", process_panels()))
+    sections = (("Gateway", gateway_panels()), ("Workers", worker_panels()), ("Trie cache", cache_panels()), ("Shared prefix cache", prefix_cache_panels()), ("Processes", process_panels()))
     for title, panels in sections:
         dash = dash.with_row(Row(title))
         for built in panels:

@@ -16,6 +16,8 @@ its own. Dropping jobs another worker took over stays on the main loop, between 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -42,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 2.0
 REDIS_BACKOFF_S = (0.2, 5.0)  # first and longest wait after a Redis error, doubling in between
+
+
+def glibc_malloc_trim():
+    """glibc's ``malloc_trim`` (returns freed heap pages to the OS), or None where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # musl (Alpine), macOS: no malloc_trim
+        return None
 
 
 @dataclass
@@ -115,8 +126,11 @@ class Worker:
                 settings.prefix_cache_url or settings.redis_url, settings.redis_prefix, block_tokens=settings.prefix_cache_block_tokens,
                 ttl_s=settings.prefix_cache_ttl_s, timeout_s=settings.prefix_cache_timeout_s,
             )
-        self._seen_prefix = (0, 0, 0, 0, 0, 0, 0, 0)
+        self._seen_prefix: dict[object, int] = {}  # prefix-cache counter child -> the stats' value it last exported
         self._seen_totals: dict[str, tuple[int, int, int, int]] = {}
+        self._malloc_trim = glibc_malloc_trim() if settings.worker_malloc_trim_s > 0 else None
+        self._last_trim = time.monotonic()
+        metrics.TRIE_CACHE_LIMIT.set(settings.trie_cache_bytes)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, *, install_signals: bool = True, max_loops: int | None = None) -> None:
@@ -158,6 +172,8 @@ class Worker:
                 now = time.monotonic()
                 if now - self._last_refresh >= self.beat_every_s:
                     self.refresh_own_entries()
+                    if self.prefix_cache is not None:  # write-backs finish after the last step: export them idle too
+                        self.export_prefix_metrics()
                 if self.stopping:
                     stop_deadline = stop_deadline or now + self.settings.worker_shutdown_grace_s
                     if not self.active:
@@ -172,10 +188,20 @@ class Worker:
                 self.check_cancel_and_deadlines()
                 if self.active:
                     self.step()
+                if self._malloc_trim is not None and time.monotonic() - self._last_trim >= self.settings.worker_malloc_trim_s:
+                    self.trim_heap()
                 backoff = 0.0
             except redis.RedisError as e:
                 backoff = min(REDIS_BACKOFF_S[1], max(REDIS_BACKOFF_S[0], backoff * 2))
                 self.on_redis_error(e, backoff)
+
+    def trim_heap(self) -> None:
+        """Give the heap pages glibc keeps after frees (search tensors, evicted KV) back to the OS: without it a
+        worker's RSS creeps up beyond what its trie caches hold (bench/README.md, Soak)."""
+        t0 = time.perf_counter()
+        self._malloc_trim(0)
+        self._last_trim = time.monotonic()
+        logger.debug("worker %s: malloc_trim took %.1f ms", self.id, 1e3 * (time.perf_counter() - t0))
 
     def on_redis_error(self, error: redis.RedisError, wait_s: float) -> None:
         """Count it, wait, and repair what a restarted server lost: the consumer group and the entries of our jobs.
@@ -553,3 +579,30 @@ class Worker:
                 if new > old:
                     counter.labels(kind).inc(new - old)
             self._seen_totals[kind] = now
+        for kind, nbytes in self.guard.engine_cache_bytes().items():
+            metrics.TRIE_CACHE_BYTES.labels(kind).set(nbytes)
+        if self.prefix_cache is not None:
+            self.export_prefix_metrics()
+
+    def export_prefix_metrics(self) -> None:
+        """Carry the shared prefix cache's counters (some bumped by its writer thread) into the worker's metrics."""
+        st = self.prefix_cache.stats
+        current = {
+            metrics.PREFIX_CACHE_BLOCKS.labels("hit"): st.hit_blocks,
+            metrics.PREFIX_CACHE_BLOCKS.labels("miss"): st.miss_blocks,
+            metrics.PREFIX_CACHE_BLOCKS.labels("stored"): st.stored_blocks,
+            metrics.PREFIX_CACHE_BYTES.labels("loaded"): st.loaded_bytes,
+            metrics.PREFIX_CACHE_BYTES.labels("stored"): st.stored_bytes,
+            metrics.PREFIX_CACHE_SKIPPED.labels("load"): st.skipped_loads,
+            metrics.PREFIX_CACHE_SKIPPED.labels("store"): st.dropped_stores,
+            metrics.PREFIX_CACHE_ERRORS: st.errors,
+            **{metrics.PREFIX_CACHE_BAD_BLOCKS.labels(reason): n for reason, n in dict(st.bad_blocks).items()},
+        }
+        for child, value in current.items():
+            if value > self._seen_prefix.get(child, 0):
+                child.inc(value - self._seen_prefix.get(child, 0))
+            self._seen_prefix[child] = value
+        for operation, seconds in (("load", st.load_seconds), ("store", st.store_seconds)):
+            histogram = metrics.PREFIX_CACHE_SECONDS.labels(operation)
+            for _ in range(len(seconds)):  # pop(): atomic against the writer thread's append()
+                histogram.observe(seconds.pop())

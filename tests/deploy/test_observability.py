@@ -76,7 +76,7 @@ def exported(text: str) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def scraped() -> Iterator[dict[str, dict[str, set[str]]]]:
     """What the gateway and the worker export after one request went through them: role -> sample name -> labels."""
-    with service_processes(workers=("observability",), ready_s=120) as procs:
+    with service_processes({"SAFFRON_PREFIX_CACHE": "on"}, workers=("observability",), ready_s=120) as procs:
         base = procs.base_url.removesuffix("/v1")
         answer = httpx.post(f"{procs.base_url}/chat/completions", json=REQUEST, timeout=120)
         assert answer.status_code == 200, answer.text

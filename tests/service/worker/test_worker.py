@@ -476,5 +476,66 @@ def test_a_prefix_cache_server_that_is_down_costs_nothing_but_the_cache(guard, s
         serve_until(worker, client, settings, [job])
         assert events(client, settings, job)[-1]["type"] == "final"
         assert worker.prefix_cache.stats.errors >= 1 and worker.prefix_cache.stats.hit_blocks == 0
+        worker.export_prefix_metrics()
+        assert (metrics.WORKER_REGISTRY.get_sample_value("saffron_prefix_cache_errors_total") or 0) >= 1  # the warning metric
     finally:
         worker.close()
+
+
+def prefix_samples() -> dict[tuple[str, str], float]:
+    """The worker's prefix-cache samples now: (sample name, its one label value) -> value."""
+    out = {}
+    for family in metrics.WORKER_REGISTRY.collect():
+        for s in family.samples:
+            if s.name.startswith("saffron_prefix_cache_") and not s.name.endswith("_created") and "le" not in s.labels:
+                out[s.name, next(iter(s.labels.values()), "")] = s.value
+    return out
+
+
+def test_the_shared_prefix_cache_counters_reach_the_worker_metrics(guard, settings, client):
+    """Issue 15's metrics: a worker that stores a prompt's blocks, then (cold again) loads them, exports both, with
+    the bytes moved and one latency sample per load and per write-back."""
+    shared = Settings(**(settings.model_dump() | {"prefix_cache": True, "prefix_cache_timeout_s": 10}))
+    worker = Worker(shared, guard, client, "prefix-metrics")
+    before = prefix_samples()
+    try:
+        for _ in range(2):
+            for engine in (guard.models.policy_engine, guard.models.mrm_engine):
+                engine.cache.clear()  # cold: the first pass stores, the second loads
+            job = enqueue(client, settings, "Tell me about bread. " * 12, max_new_tokens=2, min_new_tokens=2, strategy="saffron", budget=2)
+            serve_until(worker, client, settings, [job])
+            assert events(client, settings, job)[-1]["type"] == "final"
+            worker.prefix_cache.flush()
+        worker.export_prefix_metrics()
+        st = worker.prefix_cache.stats
+        delta = {key: value - before.get(key, 0.0) for key, value in prefix_samples().items()}
+        assert st.stored_blocks > 0 and st.hit_blocks > 0
+        assert delta["saffron_prefix_cache_blocks_total", "stored"] == st.stored_blocks
+        assert delta["saffron_prefix_cache_blocks_total", "hit"] == st.hit_blocks
+        assert delta["saffron_prefix_cache_bytes_total", "stored"] == st.stored_bytes > 0
+        assert delta["saffron_prefix_cache_bytes_total", "loaded"] == st.loaded_bytes > 0
+        assert delta["saffron_prefix_cache_seconds_count", "load"] >= 1 and delta["saffron_prefix_cache_seconds_count", "store"] >= 1
+        worker.export_prefix_metrics()  # exporting again adds nothing
+        assert {k: v - before.get(k, 0.0) for k, v in prefix_samples().items()} == delta
+    finally:
+        worker.close()
+
+
+def test_the_worker_returns_freed_heap_to_the_os_on_its_interval_and_exports_its_trie_bytes(guard, settings, client):
+    """SAFFRON_WORKER_MALLOC_TRIM_S: the loop calls glibc's malloc_trim once the interval has passed (0 turns it off);
+    the tries' bytes and their bound are exported for the soak and the dashboard."""
+    from service.worker.worker import glibc_malloc_trim
+
+    assert glibc_malloc_trim() is not None  # the images and CI run on glibc
+    calls = []
+    worker = Worker(Settings(**(settings.model_dump() | {"worker_malloc_trim_s": 0.05})), guard, client, "trim")
+    worker._malloc_trim = lambda pad: calls.append(pad) or 1
+    worker._last_trim = time.monotonic() - 1.0
+    job = enqueue(client, settings, "Say hi.")
+    serve_until(worker, client, settings, [job])
+    assert calls and calls[0] == 0
+    worker.export_cache_metrics()  # the last round exported before the finished search let go of its nodes
+    assert metrics.WORKER_REGISTRY.get_sample_value("saffron_trie_cache_bytes", {"model": "policy"}) == guard.models.policy_engine.cache.nbytes > 0
+    assert metrics.WORKER_REGISTRY.get_sample_value("saffron_trie_cache_limit_bytes") == settings.trie_cache_bytes
+    off = Worker(Settings(**(settings.model_dump() | {"worker_malloc_trim_s": 0})), guard, client, "no-trim")
+    assert off._malloc_trim is None
