@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import httpx
 import openai
 import pytest
 
@@ -150,3 +154,30 @@ def test_logit_bias_bans_a_token(client, default_model_dir):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, logit_bias={str(10**9): 1})  # outside the vocabulary
     assert e.value.body["param"] == "logit_bias"
+
+
+# --- garak's request shape, replayed (issue 16; recorded by bench/redteam_garak.py) ----------------------------
+
+GARAK = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "garak_0.17.1_requests.json").read_text())
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("recorded", GARAK["requests"], ids=lambda r: f"{r['method']} {r['path']}")
+def test_garaks_recorded_requests_are_answered_the_way_it_reads_them(base_url, recorded):
+    """Each request garak 0.17.1 sent with its stock OpenAI-compatible settings, byte for byte (body and headers, the
+    API key aside): its preflight GET gets the status it got then, and each chat completion the one choice with
+    string content garak evaluates (two choices abort its run, a null content is skipped, never evaluated)."""
+    origin = base_url.removesuffix("/v1")
+    headers = {k: v for k, v in recorded["headers"].items() if k.lower() not in ("authorization", "accept-encoding", "content-length")}
+    headers["Authorization"] = "Bearer anything"
+    body = recorded.get("body")
+    resp = httpx.request(recorded["method"], origin + recorded["path"], headers=headers, json=body, timeout=600)
+    assert resp.status_code in recorded["statuses_seen"], resp.text
+    if recorded["method"] != "POST":
+        return
+    assert (body["stop"], body["n"], body["max_tokens"], body["temperature"]) == (["#", ";"], 1, 150, 0.7)  # the stock settings
+    answer = resp.json()
+    assert answer["object"] == "chat.completion" and len(answer["choices"]) == 1, answer
+    content = answer["choices"][0]["message"]["content"]
+    assert isinstance(content, str) and "#" not in content and ";" not in content, content
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length", "content_filter")
