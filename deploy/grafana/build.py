@@ -60,6 +60,11 @@ def rate(metric: str, *matchers: str) -> str:
     return f"rate({sel(metric, *matchers)}{RATE})"
 
 
+def rate_by(metric: str, label: str) -> str:
+    """``sum by (label) (rate(metric{...}[$__rate_interval]))``."""
+    return f"sum by ({label}) ({rate(metric)})"
+
+
 def query(expr: str, legend: str, ref_id: str) -> Dataquery:
     return Dataquery().expr(expr).legend_format(legend).ref_id(ref_id).datasource(DATASOURCE)
 
@@ -187,18 +192,15 @@ def worker_panels() -> list[Timeseries]:
 
 
 def cache_panels() -> list[Timeseries]:
-    def by_model(metric: str) -> str:
-        return f"sum by (model) ({rate(metric)})"
-
     return [
         panel(
             "Trie cache hit ratio", "Query tokens served from each model's trie cache instead of being run through the model.",
-            "percentunit", [query(f"{by_model('saffron_trie_reused_tokens_total')} / {by_model('saffron_trie_query_tokens_total')}", "{{model}}", "A")],
+            "percentunit", [query(f"{rate_by('saffron_trie_reused_tokens_total', 'model')} / {rate_by('saffron_trie_query_tokens_total', 'model')}", "{{model}}", "A")],
         ),
         panel(
             "Trie tokens asked and forwarded / s", "Tokens asked of each model through its cache, and those actually run through it (the misses).",
-            "short", [query(by_model("saffron_trie_query_tokens_total"), "{{model}} asked", "A"),
-                      query(by_model("saffron_trie_forwarded_tokens_total"), "{{model}} forwarded", "B")],
+            "short", [query(rate_by("saffron_trie_query_tokens_total", "model"), "{{model}} asked", "A"),
+                      query(rate_by("saffron_trie_forwarded_tokens_total", "model"), "{{model}} forwarded", "B")],
         ),
         panel(
             "Trie cache memory", "Bytes each model's trie cache holds (KV and frontier logits) against SAFFRON_TRIE_CACHE_BYTES, the bound of each.",
@@ -207,7 +209,7 @@ def cache_panels() -> list[Timeseries]:
         ),
         panel(
             "Trie evicted tokens / s", "Tokens evicted from each model's cache to stay under SAFFRON_TRIE_CACHE_BYTES.",
-            "short", [query(by_model("saffron_trie_evicted_tokens_total"), "{{model}}", "A")],
+            "short", [query(rate_by("saffron_trie_evicted_tokens_total", "model"), "{{model}}", "A")],
         ),
         panel(
             "Batch rows (p50 / p95)", "Sequences asked of each model per worker round, across all the searches a worker steps together.",
@@ -218,9 +220,6 @@ def cache_panels() -> list[Timeseries]:
 
 def prefix_cache_panels() -> list[Timeseries]:
     """The prefix KV workers share in Redis (SAFFRON_PREFIX_CACHE); empty while it is off."""
-    def by(metric: str, label: str) -> str:
-        return f"sum by ({label}) ({rate(metric)})"
-
     blocks = "saffron_prefix_cache_blocks_total"
     hit, looked_up = 'result="hit"', 'result=~"hit|miss"'
     return [
@@ -230,11 +229,11 @@ def prefix_cache_panels() -> list[Timeseries]:
         ),
         panel(
             "Prefix blocks / s", "Blocks loaded from Redis (hit), looked up and not there (miss), and written back (stored).",
-            "short", [query(by(blocks, "result"), "{{result}}", "A")],
+            "short", [query(rate_by(blocks, "result"), "{{result}}", "A")],
         ),
         panel(
             "Prefix KV bytes / s", "Bytes of prefix KV loaded from Redis and stored into it.",
-            "Bps", [query(by("saffron_prefix_cache_bytes_total", "direction"), "{{direction}}", "A")],
+            "Bps", [query(rate_by("saffron_prefix_cache_bytes_total", "direction"), "{{direction}}", "A")],
         ),
         panel(
             "Prefix load and store latency (p50 / p95)", "One load (on the request's path, bounded by SAFFRON_PREFIX_CACHE_TIMEOUT_S) or write-back (off it).",
@@ -243,8 +242,8 @@ def prefix_cache_panels() -> list[Timeseries]:
         panel(
             "Prefix cache trouble / s", "Redis errors (each falls back to local computation), blocks ignored as bad by reason, loads skipped and write-backs dropped.",
             "short", [query(f"sum({rate('saffron_prefix_cache_errors_total')})", "Redis errors", "A"),
-                      query(by("saffron_prefix_cache_bad_blocks_total", "reason"), "bad: {{reason}}", "B"),
-                      query(by("saffron_prefix_cache_skipped_total", "operation"), "skipped {{operation}}", "C")],
+                      query(rate_by("saffron_prefix_cache_bad_blocks_total", "reason"), "bad: {{reason}}", "B"),
+                      query(rate_by("saffron_prefix_cache_skipped_total", "operation"), "skipped {{operation}}", "C")],
         ),
     ]
 
