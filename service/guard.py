@@ -222,7 +222,8 @@ class Guard:
 
         A prompt is a user prompt or chat messages (a trailing assistant message is a prefill), as
         for ``generate``. Results come back in prompt order and equal what ``generate`` gives for
-        each prompt alone. ``progress`` (optional) is called with each finished result.
+        each prompt alone in fp32; with int8 (``quantize``) an answer may depend on what it is batched with
+        (bench/README.md, Soak). ``progress`` (optional) is called with each finished result.
         """
         params = self.params(**overrides)
         pending = list(enumerate(prompts))
