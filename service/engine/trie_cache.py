@@ -20,8 +20,9 @@ Memory: a node holds its KV and, only while it is a search frontier or an unexpa
 full-vocabulary logits at its last token: they are dropped when the node gets a child, when a node
 with children is released by the last pin on it (``dec_lock_ref``: logits recomputed on an interior
 node for one query), and CachedLM drops them when the last search holding a node unpins it (a
-pruned branch). The byte budget counts both, pinned nodes included. On the default model (fp32, 30 layers, 3 KV heads of 64) one cached token
-is 46,080 bytes of KV; logits are 196,608 bytes per leaf, not per token.
+pruned branch). The byte budget counts both, pinned nodes included. On the default model (fp32,
+30 layers, 3 KV heads of 64) one cached token is 46,080 bytes of KV; logits are 196,608 bytes per
+leaf, not per token.
 """
 
 from __future__ import annotations
