@@ -42,6 +42,16 @@ x-worker-build: &worker-build
   args:
     VARIANT: {variant}
 
+# No writes outside /tmp, no privilege escalation, no Linux capabilities: for the one-shot prepare and the workers.
+x-hardened: &hardened
+  read_only: true
+  tmpfs:
+    - /tmp
+  security_opt:
+    - no-new-privileges:true
+  cap_drop:
+    - ALL
+
 x-worker: &worker
   image: ${{IMAGE_PREFIX:-saffron-guard}}/worker:${{IMAGE_TAG:-0.1.0}}-{variant}
   build: *worker-build
@@ -74,13 +84,7 @@ x-worker: &worker
   # Above SAFFRON_WORKER_SHUTDOWN_GRACE_S (deploy/compose/saffron.env): on SIGTERM a worker finishes its searches
   # for that long, then hands the rest back to the queue.
   stop_grace_period: 45s
-  read_only: true
-  tmpfs:
-    - /tmp
-  security_opt:
-    - no-new-privileges:true
-  cap_drop:
-    - ALL
+  <<: *hardened
   restart: unless-stopped
 
 services:
@@ -93,13 +97,7 @@ services:
       HOME: /tmp
     volumes:
       - models:/models
-    read_only: true
-    tmpfs:
-      - /tmp
-    security_opt:
-      - no-new-privileges:true
-    cap_drop:
-      - ALL
+    <<: *hardened
     restart: "no"
 """
 
