@@ -63,8 +63,8 @@ from service.metrics import (
     TIME_TO_FIRST_TOKEN,
 )
 from service.queue.jobs import Job, loads_event, new_delta_text
-from service.queue.keys import GROUP, Keys, result_ttl_s
-from service.queue.scripts import ADMIT_LUA, ALIVE_LUA, REQUEUE_LUA
+from service.queue.keys import Keys, result_ttl_s
+from service.queue.scripts import ADMIT_LUA, ALIVE_LUA, REQUEUE_LUA, requeue_call
 from service.report import SafetyReport
 
 logger = logging.getLogger(__name__)
@@ -187,26 +187,26 @@ class GatewayService:
             strategy = params.strategy
             if request.n > self.settings.max_n:
                 raise InvalidRequestError(f"n must be in [1, {self.settings.max_n}] (SAFFRON_MAX_N), got {request.n}", param="n", code="out_of_range")
-            jobs = self._jobs(request, params)
+            base_id, jobs = self._jobs(request, params)
             if request.user:  # never the raw value, in logs or metrics
-                logger.info("request %s from user %s", jobs[0].id, hashlib.sha256(request.user.encode()).hexdigest()[:12])
+                logger.info("request %s from user %s", base_id, hashlib.sha256(request.user.encode()).hexdigest()[:12])
             with self._redis_errors():
                 await self._rate_limit(caller, params, len(jobs))
                 server_deadline = await self._admit(jobs)
         except SaffronError as e:
             REQUESTS.labels(strategy, str(e.status_code)).inc()
             raise
-        logger.info("job %s queued: strategy=%s stream=%s n=%d", jobs[0].id, strategy, request.stream, len(jobs))
-        base = jobs[0].id.rsplit("-", 1)[0] if len(jobs) > 1 else jobs[0].id
-        return Admitted(request, jobs, strategy, started, started + self.settings.request_timeout_s, server_deadline, id=base)
+        logger.info("job %s queued: strategy=%s stream=%s n=%d", base_id, strategy, request.stream, len(jobs))
+        return Admitted(request, jobs, strategy, started, started + self.settings.request_timeout_s, server_deadline, id=base_id)
 
-    def _jobs(self, request: ChatCompletionRequest, params) -> list[Job]:
-        """One job per choice: n independent guarded searches, choice i with seed + i (sampling strategies differ by it)."""
+    def _jobs(self, request: ChatCompletionRequest, params) -> tuple[str, list[Job]]:
+        """The completion's id and one job per choice: n independent guarded searches, choice i (job ``{id}-{i}``)
+        with seed + i (sampling strategies differ by it); with n = 1 the one job has the completion's id."""
         first = Job(messages=request.job_messages(), params=params.to_dict(), stream=request.stream,
                     deadline=time.time() + self.settings.request_timeout_s, model=request.model)
         if request.n == 1:
-            return [first]
-        return [
+            return first.id, [first]
+        return first.id, [
             Job(messages=first.messages, params=params.to_dict() | {"seed": (params.seed + i) % 2**64}, stream=first.stream,
                 deadline=first.deadline, id=f"{first.id}-{i}", created=first.created, model=first.model)
             for i in range(request.n)
@@ -285,9 +285,8 @@ class GatewayService:
         """
         remaining = admitted.deadline - time.monotonic()
         for job in admitted.jobs:
-            keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
-            args = ["", job.dumps(), admitted.server_deadline, result_ttl_s(remaining), GROUP]
-            if int(await self._requeue_script(keys=keys, args=args)):
+            call = requeue_call(self.keys, job.id, job.dumps(), deadline=admitted.server_deadline, ttl_s=result_ttl_s(remaining))
+            if int(await self._requeue_script(**call)):
                 admitted.requeued += 1
                 JOBS_REQUEUED.inc()
                 logger.warning("job %s queued again: the Redis server had lost it (a restart without its data?)", job.id)

@@ -6,6 +6,8 @@ Shared by the gateway (redis.asyncio) and the worker (redis); each side register
 
 from __future__ import annotations
 
+from service.queue.keys import GROUP, Keys
+
 # KEYS: jobs, entry:{id} per job   ARGV: max_queue, timeout_s, ttl_s, job JSON per job
 # The queue bound and the enqueue in one step, so concurrent requests cannot overshoot max_queue; the jobs of one
 # request (its n choices) go in together or not at all. Each entry carries the deadline on the server's clock (field
@@ -44,6 +46,11 @@ redis.call('SET', KEYS[2], id, 'EX', ARGV[4])
 drop_old()
 return 1
 """
+
+
+def requeue_call(keys: Keys, job_id: str, job_json: str, *, deadline: str, ttl_s: int, old_entry_id: str = "") -> dict:
+    """REQUEUE_LUA's keys and arguments in their order, for ``await script(**requeue_call(...))``."""
+    return {"keys": [keys.jobs, keys.entry(job_id), keys.done(job_id)], "args": [old_entry_id, job_json, deadline, ttl_s, GROUP]}
 
 # KEYS: workers, worker:{id}   ARGV: worker id, status JSON, ttl_s
 # A heartbeat: the worker's expiry in the live set (scored on the server's clock) and its status key.

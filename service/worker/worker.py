@@ -37,7 +37,7 @@ from service.guard import Guard
 from service.models.kinds import ModelKind
 from service.queue.jobs import Job, delta_event, dumps_event, error_event, final_event, new_delta_text
 from service.queue.keys import GROUP, HEARTBEAT_TTL_S, RESULT_GRACE_S, Keys, check_redis_version, result_ttl_s
-from service.queue.scripts import ANSWER_LUA, BEAT_LUA, REQUEUE_LUA
+from service.queue.scripts import ANSWER_LUA, BEAT_LUA, REQUEUE_LUA, requeue_call
 from service.search.runner import STRATEGY_ENGINES, Batch, SearchRun
 
 logger = logging.getLogger(__name__)
@@ -522,9 +522,8 @@ class Worker:
     def requeue(self, job: Job, *, old_entry_id: str) -> bool:
         """Queue ``job`` again (same id) unless it is answered or queued already, dropping ``old_entry_id`` in the
         same step (REQUEUE_LUA); True if this call queued it."""
-        keys = [self.keys.jobs, self.keys.entry(job.id), self.keys.done(job.id)]
-        args = [old_entry_id, job.dumps(), f"{job.deadline:.3f}", self.ttl_s(job), GROUP]
-        return bool(self._requeue_script(keys=keys, args=args))
+        call = requeue_call(self.keys, job.id, job.dumps(), deadline=f"{job.deadline:.3f}", ttl_s=self.ttl_s(job), old_entry_id=old_entry_id)
+        return bool(self._requeue_script(**call))
 
     def answer(self, job: Job, event: dict) -> bool:
         """Publish the job's final or error event if no worker has answered it yet — one atomic step (ANSWER_LUA).
