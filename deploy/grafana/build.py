@@ -60,9 +60,9 @@ def rate(metric: str, *matchers: str) -> str:
     return f"rate({sel(metric, *matchers)}{RATE})"
 
 
-def rate_by(metric: str, label: str) -> str:
+def rate_by(metric: str, label: str, *matchers: str) -> str:
     """``sum by (label) (rate(metric{...}[$__rate_interval]))``."""
-    return f"sum by ({label}) ({rate(metric)})"
+    return f"sum by ({label}) ({rate(metric, *matchers)})"
 
 
 def query(expr: str, legend: str, ref_id: str) -> Dataquery:
@@ -143,14 +143,14 @@ def gateway_panels() -> list[Timeseries]:
         ),
         panel(
             "Gateway Redis errors and requeued jobs", "Redis errors waiting requests survived, by kind; jobs a gateway queued again because Redis had lost them.",
-            "ops", [query(f"sum by (kind) ({rate('saffron_gateway_redis_errors_total')})", "{{kind}}", "A"),
+            "ops", [query(rate_by("saffron_gateway_redis_errors_total", "kind"), "{{kind}}", "A"),
                     query(f"sum({rate('saffron_jobs_requeued_total')})", "requeued", "B")],
         ),
     ]
 
 
 def worker_panels() -> list[Timeseries]:
-    searches = f"sum by (strategy) ({rate('saffron_search_seconds_count', STRATEGY)})"
+    searches = rate_by("saffron_search_seconds_count", "strategy", STRATEGY)
     return [
         panel(
             "Queue wait (p50 / p95)", "Time a job waited in the queue before a worker started it, by strategy.",
@@ -166,27 +166,27 @@ def worker_panels() -> list[Timeseries]:
         ),
         panel(
             "Worker jobs by outcome", "Jobs the workers finished per second: ok, error, timeout, cancelled, handed_back, lost, poisoned.",
-            "ops", [query(f"sum by (outcome) ({rate('saffron_worker_jobs_total')})", "{{outcome}}", "A")],
+            "ops", [query(rate_by("saffron_worker_jobs_total", "outcome"), "{{outcome}}", "A")],
         ),
         panel(
             "Refusal and degenerate rate", "Share of finished searches that refuse cleanly (by strategy and source) or that the judge calls degenerate.",
             "percentunit", [
-                query(f"sum by (strategy, source) ({rate('saffron_refusals_total', STRATEGY)}) / on (strategy) group_left {searches}",
+                query(f"{rate_by('saffron_refusals_total', 'strategy, source', STRATEGY)} / on (strategy) group_left {searches}",
                       "{{strategy}} refused ({{source}})", "A"),
-                query(f"sum by (strategy) ({rate('saffron_degenerate_answers_total', STRATEGY)}) / {searches}", "{{strategy}} degenerate", "B"),
+                query(f"{rate_by('saffron_degenerate_answers_total', 'strategy', STRATEGY)} / {searches}", "{{strategy}} degenerate", "B"),
             ],
         ),
         panel(
             "Generated tokens / s", "Completion tokens the workers returned per second, by strategy.",
-            "short", [query(f"sum by (strategy) ({rate('saffron_generated_tokens_total', STRATEGY)})", "{{strategy}}", "A")],
+            "short", [query(rate_by("saffron_generated_tokens_total", "strategy", STRATEGY), "{{strategy}}", "A")],
         ),
         panel(
             "Reward-model calls / s", "Sequences scored by a reward model or the judge per second, by strategy.",
-            "short", [query(f"sum by (strategy) ({rate('saffron_reward_model_calls_total', STRATEGY)})", "{{strategy}}", "A")],
+            "short", [query(rate_by("saffron_reward_model_calls_total", "strategy", STRATEGY), "{{strategy}}", "A")],
         ),
         panel(
             "Worker Redis errors", "Redis errors the workers survived (retried with backoff), by kind; lost_group: the server lost its data.",
-            "ops", [query(f"sum by (kind) ({rate('saffron_worker_redis_errors_total')})", "{{kind}}", "A")],
+            "ops", [query(rate_by("saffron_worker_redis_errors_total", "kind"), "{{kind}}", "A")],
         ),
     ]
 
@@ -257,7 +257,7 @@ def process_panels() -> list[Timeseries]:
         ),
         panel(
             "CPU", "CPU seconds per second of each gateway and worker process (1 = one core).",
-            "short", [query(f"sum by (job, instance) ({rate('process_cpu_seconds_total')})", "{{job}} {{instance}}", "A")],
+            "short", [query(rate_by("process_cpu_seconds_total", "job, instance"), "{{job}} {{instance}}", "A")],
         ),
     ]
 
