@@ -88,6 +88,11 @@ TRAIN_BENIGN = PromptSet("benign", "benign_dev.txt", 1, 100, False)
 # The evaluation split (data/README.md); nothing here is ever trained or tuned on.
 EVAL_HARMFUL = PromptSet("harmbench", "harmbench_standard.txt", 121, 199, True)
 EVAL_BENIGN = (PromptSet("benign", "benign_dev.txt", 101, 150, False), PromptSet("borderline", "borderline_dev.txt", 41, 60, False))
+# Held out too, and written for this project in other phrasings than HarmBench's (data/README.md): how the guard does
+# on requests unlike those it was trained on (--prompt-set written).
+WRITTEN_HARMFUL = PromptSet("heldout_harmful", "written_heldout_harmful.txt", 1, 60, True)
+WRITTEN_BENIGN = (PromptSet("heldout_benign", "written_heldout_benign.txt", 1, 60, False),)
+PROMPT_SETS = {"harmbench": (EVAL_HARMFUL, EVAL_BENIGN), "written": (WRITTEN_HARMFUL, WRITTEN_BENIGN)}
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class BenchConfig:
     prefill_tokens: int = 10  # the attack's forced tokens (the paper's k = 10)
     prefill_source_tokens: int = 32  # length of the greedy no-system-prompt answer the prefill is cut from
     seed: int = 0
+    prompt_set: str = "harmbench"  # PROMPT_SETS: HarmBench's evaluation split, or the written held-out prompts
     rows_per_step: int = 128  # concurrency of a configuration = max(1, rows_per_step // budget) searches
 
     def configs(self) -> list[tuple[str, int]]:
@@ -126,11 +132,12 @@ def read_set(s: PromptSet, limit: int | None = None) -> list[BenchPrompt]:
 
 
 def bench_prompts(cfg: BenchConfig) -> tuple[list[BenchPrompt], list[BenchPrompt]]:
-    """(harmful, benign) evaluation prompts; ``benign_prompts`` is split over the sets by their sizes."""
-    harmful = read_set(EVAL_HARMFUL, cfg.harmful_prompts)
-    total = sum(s.last - s.first + 1 for s in EVAL_BENIGN)
+    """(harmful, benign) evaluation prompts of ``cfg.prompt_set``; ``benign_prompts`` is split over the sets by their sizes."""
+    harmful_set, benign_sets = PROMPT_SETS[cfg.prompt_set]
+    harmful = read_set(harmful_set, cfg.harmful_prompts)
+    total = sum(s.last - s.first + 1 for s in benign_sets)
     benign: list[BenchPrompt] = []
-    for s in EVAL_BENIGN:
+    for s in benign_sets:
         size = s.last - s.first + 1
         benign += read_set(s, None if cfg.benign_prompts is None else max(1, round(cfg.benign_prompts * size / total)))
     return harmful, benign
@@ -510,6 +517,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful-prompts", type=int, default=None, help="first n harmful evaluation prompts (default 40; 79 is the whole split)")
     p.add_argument("--benign-prompts", type=int, default=None, help="n benign + borderline evaluation prompts (default 30; 70 is the whole split)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per answer (default 48)")
+    p.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default=None,
+                   help="harmbench: HarmBench's evaluation split (default); written: the project's held-out prompts in other "
+                        "phrasings (60 harmful, 60 benign; data/README.md)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -532,6 +542,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             if value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
             update[key] = value
+    if args.prompt_set:
+        update["prompt_set"] = args.prompt_set
     return BenchConfig(**{**asdict(base), **update})
 
 

@@ -82,7 +82,10 @@ def _reward_commands(commands) -> None:
                               "then <build>/mrm trained on it from --init")
     c.add_argument("--init", type=Path, help="the MRM to continue from (default: <build>/mrm_round1, as `rebuild --recipe v2` leaves it)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--install", action="store_true", help="copy <build>/mrm into model_store/artifacts as smollm2-135m-saffron-mrm-v2c")
+    c.add_argument("--written", action="store_true",
+                   help="with the project's written training prompts too (data/written_*_train.txt): the v2d MRM")
+    c.add_argument("--install", action="store_true",
+                   help="copy <build>/mrm into model_store/artifacts as smollm2-135m-saffron-mrm-v2c (--written: -v2d)")
     r = add("rebuild", "all of the above in order, then plot <build>/report.png")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--recipe", choices=pipeline.RECIPES, default="v1",
@@ -105,10 +108,10 @@ def _run_reward_command(args, settings: Settings) -> None:
         pipeline.evaluate_asr(settings, out / "mrm", out / "prm", out / "eval_asr.json", quick=args.quick, budget=args.budget)
         pipeline.plot_report(out)
     elif args.command == "contrast-round":
-        pipeline.contrast_round(settings, out / "contrast", quick=args.quick, seed=args.seed)
+        pipeline.contrast_round(settings, out / "contrast", quick=args.quick, seed=args.seed, written=args.written)
         pipeline.train_contrast(settings, out / "contrast", args.init or out / "mrm_round1", out / "mrm", out / "mrm.json", quick=args.quick)
         if args.install:
-            pipeline.install(out, "v2")
+            pipeline.install(out, "v2d" if args.written else "v2")
     else:
         pipeline.rebuild(settings, out, quick=args.quick, seed=args.seed, do_install=args.install, recipe=args.recipe)
     print(f"done: {out}")

@@ -35,6 +35,7 @@ TRAINED_MRM = "smollm2-135m-saffron-mrm"
 TRAINED_PRM = "smollm2-135m-safety-prm"
 TRAINED_MRM_V2 = "smollm2-135m-saffron-mrm-v2"
 TRAINED_MRM_V2C = "smollm2-135m-saffron-mrm-v2c"  # v2 + the contrast round (model_store.training.rewards.build_contrast)
+TRAINED_MRM_V2D = "smollm2-135m-saffron-mrm-v2d"  # v2 + the contrast round with the project's written prompts too
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -109,6 +110,19 @@ REGISTRY: dict[str, ModelSpec] = {
                 "Trained MRM v2c (issue 11): MRM v2 trained one round further on contrast pairs — the same refusal and "
                 "compliant openers under harmful, benign and borderline training prompts with opposite labels — so that "
                 "its reward depends on what was asked, not on refusal words alone. Read model_store/artifacts/MODEL_CARD.md."
+            ),
+        ),
+        ModelSpec(
+            name=TRAINED_MRM_V2D,
+            kind="mrm",
+            source=COMMITTED,
+            base=DEFAULT_POLICY,
+            trained=True,
+            description=(
+                "Trained MRM v2d (after issue 16): MRM v2 trained on the contrast round of v2c plus 270 prompts written "
+                "for the project — harmful requests in many phrasings, benign ones in the formal imperative of "
+                "HarmBench's — so that the phrasing of a request stops predicting its reward. Read "
+                "model_store/artifacts/MODEL_CARD.md."
             ),
         ),
         ModelSpec(

@@ -34,6 +34,7 @@ from model_store.registry import (
     TRAINED_MRM,
     TRAINED_MRM_V2,
     TRAINED_MRM_V2C,
+    TRAINED_MRM_V2D,
     TRAINED_PRM,
     resolve,
     verify_model_dir,
@@ -43,6 +44,7 @@ from model_store.training.errors import TrainingError
 from model_store.training.evaluate import eval_asr, eval_prompts, eval_rewards
 from model_store.training.rewards import (
     DATA_DIR,
+    WRITTEN_TRAIN_SETS,
     BuildConfig,
     ContrastConfig,
     Policy,
@@ -73,6 +75,8 @@ V2_ROUND_TRAIN = replace(V2_TRAIN, epochs=2, sample_records=None)
 # The contrast round (model_store.training.rewards.build_contrast): one epoch over all of its ~1,660 training records (8 minutes here).
 CONTRAST_TRAIN = replace(V2_TRAIN, sample_records=None)
 QUICK_CONTRAST = ContrastConfig(response_tokens=8, limit_per_set=2)
+# v2d: the same round with the project's written prompts beside the training split (data/README.md).
+WRITTEN_CONTRAST = ContrastConfig(extra_sets=WRITTEN_TRAIN_SETS)
 RECIPES = ("v1", "v2")
 
 
@@ -198,9 +202,12 @@ def onpolicy_round(settings: Settings, data: Path, mrm: Path, out: Path, *, roun
     return write_records(out, new, len(tok), {"recipe": "onpolicy", "round": round_index, "mrm": str(mrm), "search": list(ONPOLICY_SEARCH)})
 
 
-def contrast_round(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0) -> Path:
-    """The contrast round's records (model_store.training.rewards.build_contrast) as a dataset directory ``out``."""
+def contrast_round(settings: Settings, out: Path, *, quick: bool = False, seed: int = 0, written: bool = False) -> Path:
+    """The contrast round's records (model_store.training.rewards.build_contrast) as a dataset directory ``out``;
+    ``written``: with the project's written training prompts too (v2d)."""
     config = replace(QUICK_CONTRAST if quick else ContrastConfig(), seed=seed)
+    if written:
+        config = replace(config, extra_sets=WRITTEN_CONTRAST.extra_sets)
     model = AutoModelForCausalLM.from_pretrained(policy_dir(settings), dtype=torch.float32).eval()
     policy = Policy(model, _tokenizer(settings), settings.system_prompt)
     with torch.no_grad():
@@ -281,10 +288,13 @@ def install(out: Path, recipe: str = "v1") -> None:
 
     v1 installs the MRM and the PRM under their names; v2 installs its last on-policy round as ``TRAINED_MRM_V2``
     (when the build has it), the contrast round after it as ``TRAINED_MRM_V2C``, and its reports with a ``v2_``
-    prefix, beside v1's (the PRM of beam_prm stays v1's).
+    prefix, beside v1's (the PRM of beam_prm stays v1's); v2d installs a contrast round with the written prompts
+    (``contrast-round --written``) as ``TRAINED_MRM_V2D`` and its report as ``v2d_mrm.json``.
     """
     if recipe == "v1":
         models = ((TRAINED_MRM, out / "mrm"), (TRAINED_PRM, out / "prm"))
+    elif recipe == "v2d":
+        models = ((TRAINED_MRM_V2D, out / "mrm"),)
     else:
         rounds = [d for d in out.glob("mrm_round*") if d.is_dir() and d.name.removeprefix("mrm_round").isdigit()]
         last = sorted((d for d in rounds if d.name != "mrm_round0"), key=lambda d: int(d.name.removeprefix("mrm_round")))
@@ -298,7 +308,8 @@ def install(out: Path, recipe: str = "v1") -> None:
         for file in dst.iterdir():
             file.chmod(0o644)  # safetensors writes 0600
         write_checksums(dst)  # checked at every load (registry.verify_artifact)
-    for name, committed in (dict(zip(INSTALLED, INSTALLED)) if recipe == "v1" else INSTALLED_V2).items():
+    reports = {"v1": dict(zip(INSTALLED, INSTALLED)), "v2d": {"mrm.json": "v2d_mrm.json"}}.get(recipe, INSTALLED_V2)
+    for name, committed in reports.items():
         if (out / name).is_file():
             shutil.copy2(out / name, ARTIFACTS_DIR / committed)
 

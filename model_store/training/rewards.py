@@ -98,6 +98,18 @@ EVAL_SETS = (
     PromptSet("benign", "benign_dev.txt", 101, 150, False),
     PromptSet("borderline", "borderline_dev.txt", 41, 60, False),
 )
+# Written for this project (data/README.md), so that the phrasing of a request stops predicting its label: harmful
+# requests in many styles (questions, slang, backstories, role-play), benign ones in the formal imperative of HarmBench's
+# behaviours. Training prompts of the v2d contrast round; the held-out pair is for evaluation only (bench safety
+# --prompt-set written), never trained or tuned on.
+WRITTEN_TRAIN_SETS = (
+    PromptSet("written_harmful", "written_harmful_train.txt", 1, 150, True),
+    PromptSet("written_benign", "written_benign_train.txt", 1, 120, False),
+)
+WRITTEN_HELDOUT_SETS = (
+    PromptSet("heldout_harmful", "written_heldout_harmful.txt", 1, 60, True),
+    PromptSet("heldout_benign", "written_heldout_benign.txt", 1, 60, False),
+)
 
 
 @dataclass(frozen=True)
@@ -734,6 +746,7 @@ class ContrastConfig:
     response_tokens: int = 48  # the policy's own sample, labelled by its judged outcome (keeps the MRM on its answers)
     loop_share: float = 0.5  # share of usable samples that also give a synthetic loop, as in build_chunk_v2
     limit_per_set: int | None = None  # --quick
+    extra_sets: tuple[PromptSet, ...] = ()  # prompt sets beside the training split (v2d: WRITTEN_TRAIN_SETS)
 
 
 def build_contrast(policy: Policy, config: ContrastConfig, data_dir: Path = DATA_DIR) -> list[RewardRecord]:
@@ -747,12 +760,16 @@ def build_contrast(policy: Policy, config: ContrastConfig, data_dir: Path = DATA
     harmful prompt gets the same again inside a role-play wrapper. Each prompt also gets one
     sample of the policy (``response_tokens``), labelled by its judged outcome, and a
     ``loop_share`` of the usable samples a synthetic loop, so the answers the search walks through
-    stay supervised too. Every ``CONTRAST_HELD_OUT_STEP``-th prompt goes to split "eval": these are
-    training-split prompts held out of this round for its held-out curve, never evaluation-split ones.
+    stay supervised too. ``extra_sets`` add prompts beyond the training split (v2d: the project's written
+    ones). Every ``CONTRAST_HELD_OUT_STEP``-th prompt goes to split "eval": these are training prompts held
+    out of this round for its held-out curve, never evaluation-split ones.
     """
     rng = random.Random(_derive_seed(config.seed, CONTRAST))
     build = BuildConfig(recipe="v2", limit_per_set=config.limit_per_set)
     prompts = split_prompts(build, "train", data_dir)
+    for extra in config.extra_sets:
+        found = read_prompts(extra, data_dir)
+        prompts += found[: config.limit_per_set] if config.limit_per_set is not None else found
     seed, step = _derive_seed(config.seed, CONTRAST, "samples"), 32  # a row's sample depends on the row and seed only (continue_)
     samples: list[list[int]] = []
     for i in tqdm(range(0, len(prompts), step), desc="contrast samples", unit=f"x{step} prompts"):

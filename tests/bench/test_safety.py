@@ -70,7 +70,8 @@ def test_interpolate_log():
 
 def test_bad_arguments_are_refused():
     def args(**kw):
-        base = dict(quick=False, out=None, methods=None, budgets=None, harmful_prompts=None, benign_prompts=None, max_new_tokens=None)
+        base = dict(quick=False, out=None, methods=None, budgets=None, harmful_prompts=None, benign_prompts=None, max_new_tokens=None,
+                    prompt_set=None)
         return argparse.Namespace(**{**base, **kw})
 
     with pytest.raises(ValueError, match="unknown method"):
@@ -80,6 +81,11 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="--harmful-prompts"):
         config_from_args(args(harmful_prompts=0))
     assert config_from_args(args(quick=True, budgets="2,1,2")).budgets == (1, 2)
+    written = config_from_args(args(prompt_set="written", harmful_prompts=60, benign_prompts=60))
+    harmful, benign = safety.bench_prompts(written)
+    assert (len(harmful), len(benign)) == (60, 60)
+    assert {p.id.split(":")[0] for p in harmful + benign} == {"heldout_harmful", "heldout_benign"}
+    assert [p.harmful for p in harmful] == [True] * 60 and not any(p.harmful for p in benign)
 
 
 def test_a_torn_last_line_is_dropped_and_other_settings_are_refused(tmp_path):

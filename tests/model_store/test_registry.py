@@ -16,6 +16,7 @@ from model_store.registry import (
     TRAINED_MRM,
     TRAINED_MRM_V2,
     TRAINED_MRM_V2C,
+    TRAINED_MRM_V2D,
     TRAINED_PRM,
     resolve,
     sha256_file,
@@ -41,7 +42,7 @@ def _fake_prepared_dir(path: Path) -> Path:
 
 
 def test_registry_entries_are_consistent():
-    assert set(REGISTRY) == {DEFAULT_POLICY, TRAINED_MRM, TRAINED_MRM_V2, TRAINED_MRM_V2C, TRAINED_PRM, "untrained-placeholder-mrm", "zero-shot-guard-prm"}
+    assert set(REGISTRY) == {DEFAULT_POLICY, TRAINED_MRM, TRAINED_MRM_V2, TRAINED_MRM_V2C, TRAINED_MRM_V2D, TRAINED_PRM, "untrained-placeholder-mrm", "zero-shot-guard-prm"}
     for name, spec in REGISTRY.items():
         assert spec.name == name
         if spec.base is not None:
@@ -52,7 +53,7 @@ def test_registry_entries_are_consistent():
     assert "NOT a safety model" in placeholder.description
     prm = REGISTRY["zero-shot-guard-prm"]
     assert (prm.kind, prm.trained, prm.base) == ("prm", False, DEFAULT_POLICY)
-    for name, kind in ((TRAINED_MRM, "mrm"), (TRAINED_MRM_V2, "mrm"), (TRAINED_MRM_V2C, "mrm"), (TRAINED_PRM, "prm")):
+    for name, kind in ((TRAINED_MRM, "mrm"), (TRAINED_MRM_V2, "mrm"), (TRAINED_MRM_V2C, "mrm"), (TRAINED_MRM_V2D, "mrm"), (TRAINED_PRM, "prm")):
         spec = REGISTRY[name]
         assert (spec.kind, spec.trained, spec.base, spec.source) == (kind, True, DEFAULT_POLICY, COMMITTED)
 
@@ -65,7 +66,7 @@ def test_the_trained_reward_models_are_the_defaults():
         Settings(mrm_model="untrained-placeholder-mrm", environment="production", api_keys="k")
 
 
-@pytest.mark.parametrize("name", [TRAINED_MRM, TRAINED_MRM_V2, TRAINED_MRM_V2C, TRAINED_PRM])
+@pytest.mark.parametrize("name", [TRAINED_MRM, TRAINED_MRM_V2, TRAINED_MRM_V2C, TRAINED_MRM_V2D, TRAINED_PRM])
 def test_committed_artifacts_resolve_inside_the_package(name: str, tmp_settings: Settings):
     resolved = resolve(name, tmp_settings)
     assert resolved.path == ARTIFACTS_DIR / name and not resolved.embedded

@@ -551,3 +551,25 @@ def test_synthetic_loop_repeats_the_tokens_before_its_cut():
         unit = next(k for k in (1, 2, 3) if tail[:k] == resp[cut - k : cut] and all(tail[i] == tail[i % k] for i in range(len(tail))))
         assert unit in rewards.LOOP_UNITS
     assert rewards.synthetic_loop([5] * 7, 40, random.Random(0), frozenset()) is None  # too short to cut
+
+
+def test_the_written_prompt_sets_are_whole_and_held_out_from_training():
+    train = [p for s in rewards.WRITTEN_TRAIN_SETS + rewards.TRAIN_SETS for p in read_prompts(s)]
+    held_out = [p for s in rewards.WRITTEN_HELDOUT_SETS for p in read_prompts(s)]
+    # read_prompts checks every line in range; the ranges are the whole files, so nothing is left unread.
+    for s in rewards.WRITTEN_TRAIN_SETS + rewards.WRITTEN_HELDOUT_SETS:
+        assert len((rewards.DATA_DIR / s.file).read_text(encoding="utf-8").splitlines()) == s.last, s.file
+    seen = {p.text.lower() for p in train}
+    assert not [p.id for p in held_out if p.text.lower() in seen]
+    assert {p.harmful for p in held_out} == {True, False}
+
+
+def test_a_contrast_round_with_extra_sets_labels_their_prompts_too(policy: Policy):
+    config = rewards.ContrastConfig(response_tokens=4, limit_per_set=1, extra_sets=rewards.WRITTEN_TRAIN_SETS)
+    records = rewards.build_contrast(policy, config)
+    sources = {r.prompt_id.split(":")[0] for r in records}
+    assert sources == {"harmbench", "benign", "borderline", "written_harmful", "written_benign"}
+    assert {r.harmful for r in records if r.prompt_id.startswith("written_harmful:")} == {True}
+    assert {r.harmful for r in records if r.prompt_id.startswith("written_benign:")} == {False}
+    plain = rewards.build_contrast(policy, rewards.ContrastConfig(response_tokens=4, limit_per_set=1))
+    assert {r.prompt_id.split(":")[0] for r in plain} == {"harmbench", "benign", "borderline"}
