@@ -75,8 +75,6 @@ V2_ROUND_TRAIN = replace(V2_TRAIN, epochs=2, sample_records=None)
 # The contrast round (model_store.training.rewards.build_contrast): one epoch over all of its ~1,660 training records (8 minutes here).
 CONTRAST_TRAIN = replace(V2_TRAIN, sample_records=None)
 QUICK_CONTRAST = ContrastConfig(response_tokens=8, limit_per_set=2)
-# v2d: the same round with the project's written prompts beside the training split (data/README.md).
-WRITTEN_CONTRAST = ContrastConfig(extra_sets=WRITTEN_TRAIN_SETS)
 RECIPES = ("v1", "v2")
 
 
@@ -206,8 +204,8 @@ def contrast_round(settings: Settings, out: Path, *, quick: bool = False, seed: 
     """The contrast round's records (model_store.training.rewards.build_contrast) as a dataset directory ``out``;
     ``written``: with the project's written training prompts too (v2d)."""
     config = replace(QUICK_CONTRAST if quick else ContrastConfig(), seed=seed)
-    if written:
-        config = replace(config, extra_sets=WRITTEN_CONTRAST.extra_sets)
+    if written:  # v2d: the project's written prompts beside the training split (data/README.md)
+        config = replace(config, extra_sets=WRITTEN_TRAIN_SETS)
     model = AutoModelForCausalLM.from_pretrained(policy_dir(settings), dtype=torch.float32).eval()
     policy = Policy(model, _tokenizer(settings), settings.system_prompt)
     with torch.no_grad():

@@ -100,15 +100,11 @@ EVAL_SETS = (
 )
 # Written for this project (data/README.md), so that the phrasing of a request stops predicting its label: harmful
 # requests in many styles (questions, slang, backstories, role-play), benign ones in the formal imperative of HarmBench's
-# behaviours. Training prompts of the v2d contrast round; the held-out pair is for evaluation only (bench safety
-# --prompt-set written), never trained or tuned on.
+# behaviours. Training prompts of the v2d contrast round; their held-out pair is bench.safety's (--prompt-set written),
+# never trained or tuned on.
 WRITTEN_TRAIN_SETS = (
     PromptSet("written_harmful", "written_harmful_train.txt", 1, 150, True),
     PromptSet("written_benign", "written_benign_train.txt", 1, 120, False),
-)
-WRITTEN_HELDOUT_SETS = (
-    PromptSet("heldout_harmful", "written_heldout_harmful.txt", 1, 60, True),
-    PromptSet("heldout_benign", "written_heldout_benign.txt", 1, 60, False),
 )
 
 
@@ -765,11 +761,8 @@ def build_contrast(policy: Policy, config: ContrastConfig, data_dir: Path = DATA
     out of this round for its held-out curve, never evaluation-split ones.
     """
     rng = random.Random(_derive_seed(config.seed, CONTRAST))
-    build = BuildConfig(recipe="v2", limit_per_set=config.limit_per_set)
+    build = BuildConfig(recipe="v2", limit_per_set=config.limit_per_set, splits={"train": TRAIN_SETS + config.extra_sets})
     prompts = split_prompts(build, "train", data_dir)
-    for extra in config.extra_sets:
-        found = read_prompts(extra, data_dir)
-        prompts += found[: config.limit_per_set] if config.limit_per_set is not None else found
     seed, step = _derive_seed(config.seed, CONTRAST, "samples"), 32  # a row's sample depends on the row and seed only (continue_)
     samples: list[list[int]] = []
     for i in tqdm(range(0, len(prompts), step), desc="contrast samples", unit=f"x{step} prompts"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.safety import WRITTEN_BENIGN, WRITTEN_HARMFUL, read_set
 from model_store.training import rewards
 from model_store.training.errors import DatasetError, TrainingError
 from model_store.training.rewards import (
@@ -555,9 +556,10 @@ def test_synthetic_loop_repeats_the_tokens_before_its_cut():
 
 def test_the_written_prompt_sets_are_whole_and_held_out_from_training():
     train = [p for s in rewards.WRITTEN_TRAIN_SETS + rewards.TRAIN_SETS for p in read_prompts(s)]
-    held_out = [p for s in rewards.WRITTEN_HELDOUT_SETS for p in read_prompts(s)]
+    held_out_sets = (WRITTEN_HARMFUL, *WRITTEN_BENIGN)  # what bench safety --prompt-set written reads
+    held_out = [p for s in held_out_sets for p in read_set(s)]
     # read_prompts checks every line in range; the ranges are the whole files, so nothing is left unread.
-    for s in rewards.WRITTEN_TRAIN_SETS + rewards.WRITTEN_HELDOUT_SETS:
+    for s in rewards.WRITTEN_TRAIN_SETS + held_out_sets:
         assert len((rewards.DATA_DIR / s.file).read_text(encoding="utf-8").splitlines()) == s.last, s.file
     seen = {p.text.lower() for p in train}
     assert not [p.id for p in held_out if p.text.lower() in seen]
